@@ -1,0 +1,84 @@
+"""lorazoo: the LoRA family of fine-tuning methods behind one interface.
+
+    import lorazoo
+    lorazoo.inject(model, "dora", targets=["q_proj", "v_proj"], r=16, alpha=32)
+    optimizer = torch.optim.AdamW(lorazoo.param_groups(model, lr=2e-4))
+    ...
+    lorazoo.merge(model); lorazoo.unmerge(model)     # exact: the base comes back bit for bit
+    lorazoo.save(model, "adapter.safetensors")
+
+Variants are plugins found through the ``lorazoo`` entry-point group; see ``lorazoo.variants()``.
+"""
+
+__version__ = "0.1.0"
+
+from .engine import (  # noqa: E402
+    AdaptedLinear,
+    MergeReport,
+    TrainableCount,
+    adapter_names,
+    after_step,
+    disabled,
+    eject,
+    extra_loss,
+    inject,
+    merge,
+    merge_report,
+    param_groups,
+    set_active,
+    trainable,
+    unmerge,
+)
+from .errors import (  # noqa: E402
+    AdapterFileError,
+    ConfigError,
+    LorazooError,
+    MergeError,
+    PluginError,
+    PluginLoadWarning,
+    TargetError,
+    UnknownVariantError,
+)
+from .hookspecs import hookimpl  # noqa: E402
+from .io import load, save  # noqa: E402
+from .registry import register, unregister, variant, variants  # noqa: E402
+from .variant import LayerInfo, LowRank, LowRankAdapter, Variant, VariantConfig  # noqa: E402
+
+__all__ = [
+    "AdaptedLinear",
+    "AdapterFileError",
+    "ConfigError",
+    "LayerInfo",
+    "LorazooError",
+    "LowRank",
+    "LowRankAdapter",
+    "MergeError",
+    "MergeReport",
+    "PluginError",
+    "PluginLoadWarning",
+    "TargetError",
+    "TrainableCount",
+    "UnknownVariantError",
+    "Variant",
+    "VariantConfig",
+    "__version__",
+    "adapter_names",
+    "after_step",
+    "disabled",
+    "eject",
+    "extra_loss",
+    "hookimpl",
+    "inject",
+    "load",
+    "merge",
+    "merge_report",
+    "param_groups",
+    "register",
+    "save",
+    "set_active",
+    "trainable",
+    "unmerge",
+    "unregister",
+    "variant",
+    "variants",
+]

@@ -1,0 +1,35 @@
+"""The one shared injection / routing / merge engine. It knows no variant by name."""
+
+from .inject import adapter_names, eject, hosts, inject, iter_adapters, plan
+from .layer import AdaptedLinear
+from .merge import MergeReport, merge, merge_report, unmerge
+from .training import (
+    TrainableCount,
+    after_step,
+    disabled,
+    extra_loss,
+    param_groups,
+    set_active,
+    trainable,
+)
+
+__all__ = [
+    "AdaptedLinear",
+    "MergeReport",
+    "TrainableCount",
+    "adapter_names",
+    "after_step",
+    "disabled",
+    "eject",
+    "extra_loss",
+    "hosts",
+    "inject",
+    "iter_adapters",
+    "merge",
+    "merge_report",
+    "param_groups",
+    "plan",
+    "set_active",
+    "trainable",
+    "unmerge",
+]

@@ -1,0 +1,143 @@
+"""Training-side services: counts, optimizer groups, extra losses, per-step hooks, activation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LorazooError, PluginError
+from ..variant import Variant
+from .inject import adapter_names, hosts, iter_adapters
+
+
+class TrainableCount(NamedTuple):
+    """``(trainable, total)`` parameter counts; ``str()`` reads like a report."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f}"
+        )
+
+
+def trainable(model: nn.Module) -> TrainableCount:
+    """Counts of trainable and all parameters (each shared tensor counted once)."""
+    seen: set[int] = set()
+    t = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            t += p.numel()
+    return TrainableCount(t, total)
+
+
+def _by_class(model: nn.Module) -> dict[type[Variant], list[Variant]]:
+    groups: dict[type[Variant], list[Variant]] = {}
+    for _, _, adapter in iter_adapters(model):
+        groups.setdefault(type(adapter), []).append(adapter)
+    return groups
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for every trainable tensor of ``model``.
+
+    Each variant shapes the groups of its own adapters (LoRA+ gives ``B`` a larger learning
+    rate); trainable tensors outside adapters (a head you unfroze) get ``lr``. The groups
+    partition the trainable tensors: each appears in exactly one group. Pass the result to any
+    ``torch.optim`` optimizer.
+    """
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise LorazooError(f"lr must be a positive number, got {lr!r}")
+    groups: list[dict[str, Any]] = []
+    claimed: dict[int, str] = {}
+    for cls, adapters in _by_class(model).items():
+        for group in cls.param_groups(adapters, lr, weight_decay):
+            group = dict(group)
+            group.setdefault("name", cls.name)
+            params = list(group["params"])
+            for p in params:
+                if not p.requires_grad:
+                    raise PluginError(f"variant {cls.name!r} put a frozen tensor in an optimizer group")
+                if id(p) in claimed:
+                    raise PluginError(
+                        f"variant {cls.name!r} put one tensor in two optimizer groups "
+                        f"({claimed[id(p)]!r} and {group['name']!r})"
+                    )
+                claimed[id(p)] = group["name"]
+            group["params"] = params
+            if params:
+                groups.append(group)
+        missing = [p for a in adapters for p in a.parameters() if p.requires_grad and id(p) not in claimed]
+        if missing:
+            raise PluginError(
+                f"variant {cls.name!r} left {len(missing)} trainable tensor(s) out of its groups"
+            )
+    rest = []
+    seen = set(claimed)
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            rest.append(p)
+    if rest:
+        groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "other"})
+    return groups
+
+
+def extra_loss(model: nn.Module) -> Tensor | None:
+    """The sum of the variants' extra loss terms (AdaLoRA's orthogonality penalty), or None
+    when no variant adds one. Add it to the task loss in training."""
+    total: Tensor | None = None
+    for cls, adapters in _by_class(model).items():
+        term = cls.extra_loss(adapters)
+        if term is not None:
+            total = term if total is None else total + term
+    return total
+
+
+@torch.no_grad()
+def after_step(model: nn.Module, step: int) -> None:
+    """Run the variants' per-step work; call after ``optimizer.step()``, before ``zero_grad()``."""
+    for cls, adapters in _by_class(model).items():
+        cls.after_step(adapters, step)
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Make ``names`` the active adapters (the ones the forward applies and merge folds in)."""
+    wanted = [names] if isinstance(names, str) else list(names)
+    present = adapter_names(model)
+    unknown = [n for n in wanted if n not in present]
+    if unknown:
+        raise LorazooError(f"no adapter named {unknown}; adapters present: {list(present)}")
+    for _, host in hosts(model):
+        host.set_active(wanted)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone: no unmerged adapter is applied inside the block.
+
+    Merged adapters are part of the weights; unmerge them first for the pure base output.
+    """
+    saved = [(host, host.active) for _, host in hosts(model)]
+    try:
+        for host, _ in saved:
+            host.set_active(())
+        yield model
+    finally:
+        for host, active in saved:
+            host.set_active(active)

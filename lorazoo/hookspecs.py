@@ -1,0 +1,30 @@
+"""pluggy hook specifications of the ``lorazoo`` plugin system.
+
+A plugin is any module or object with functions marked ``@lorazoo.hookimpl``. Installed
+distributions expose plugins through the entry-point group ``lorazoo``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .variant import Variant
+
+PROJECT = "lorazoo"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class VariantSpec:
+    """Hooks a variant plugin implements."""
+
+    @hookspec
+    def lorazoo_variants(self) -> list[type[Variant]]:  # type: ignore[empty-body]
+        """Return the :class:`lorazoo.Variant` subclasses this plugin provides.
+
+        Each class must carry a unique, non-empty ``name``.
+        """

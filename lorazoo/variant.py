@@ -1,0 +1,318 @@
+"""The abstract adapter interface every variant implements, and the config base class.
+
+A variant is mostly math. The engine (``lorazoo.engine``) owns everything else: finding layers,
+wrapping them, freezing, merge bookkeeping, files. The contract between the two is small:
+
+* ``__init__(layer, config, shared)``: create the adapter tensors for one base layer.
+* ``lowrank(weight)``: the adapter's update in low-rank form (:class:`LowRank`). Every variant
+  in the LoRA family can state its merged weight as ``W' = c ⊙_row (W + s·B·A)``. Additive
+  variants have ``c = 1``; DoRA has ``c = m / ‖W + s·B·A‖_row``. From this one form the engine
+  merges in fp32, unmerges bit-exactly, computes tolerances and routes mixed batches.
+* ``forward(x, base_out, host)``: the adapter's contribution on the unmerged path. The host
+  returns ``base_out + Σ contributions``.
+* ``num_trainable(d_in, d_out, config)``: the variant's trainable-parameter formula; the
+  conformance suite checks it against the real count.
+
+Optional class-level hooks shape training (``param_groups``, ``extra_loss``, ``after_step``),
+share state across layers (``shared_state``) and prepare the base weight (``prepare_base``).
+``docs/interface.md`` maps each of the eight built-in variants onto these hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, closest
+
+if TYPE_CHECKING:
+    from .engine.layer import AdaptedLinear
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """Hyper-parameters shared by the LoRA family. Variants subclass it to add their own.
+
+    Instances are immutable: the engine derives new ones with :meth:`replace` and never
+    changes an object a caller handed in.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check ranges. Subclasses extend this and call ``super().validate()``."""
+        r = self.r
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise ConfigError(f"r must be an integer >= 1, got {r!r}")
+        if r < 1:
+            raise ConfigError(f"r must be >= 1, got {r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ConfigError(f"alpha must be a positive number, got {alpha!r}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"alpha must be a finite number > 0, got {alpha}")
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
+            raise ConfigError(f"dropout must be a number with 0 <= dropout < 1, got {p!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> VariantConfig:
+        """Build a config, rejecting unknown keywords with the list of valid ones."""
+        cls._check_names(kwargs)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> VariantConfig:
+        """A copy with ``changes`` applied and validated; ``self`` is left as it was."""
+        self._check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def _check_names(cls, kwargs: Mapping[str, Any]) -> None:
+        valid = cls.field_names()
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            hints = []
+            for k in unknown:
+                near = closest(k, valid)
+                hints.append(f"{k!r}" + (f" (did you mean {near!r}?)" if near else ""))
+            raise ConfigError(
+                f"unknown hyper-parameter {', '.join(hints)} for {cls.__name__}; "
+                f"valid names are: {', '.join(valid)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# What a variant sees of the layer it adapts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """The base layer an adapter is built for, in ``nn.Linear`` layout (``d_out × d_in``).
+
+    ``weight`` is the live base weight (read it for data-aware initialisations such as OLoRA's
+    QR; change it only through ``host.patch_base`` in :meth:`Variant.prepare_base`).
+    """
+
+    path: str
+    d_in: int
+    d_out: int
+    weight: Tensor
+    has_bias: bool
+    adapter_dtype: torch.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """An adapter's update in the form every LoRA-family variant shares.
+
+    The merged weight is ``W' = c ⊙_row (W + s·B·A)``, i.e. ``ΔW(W) = (c − 1) ⊙_row W +
+    c ⊙_row (s·B·A)``; ``c = None`` means 1 (an additive variant).
+    """
+
+    A: Tensor  # r × d_in
+    B: Tensor  # d_out × r
+    scale: float
+    row_scale: Tensor | None = None  # c, length d_out
+
+
+# --------------------------------------------------------------------------------------------
+# The variant interface
+# --------------------------------------------------------------------------------------------
+
+
+class Variant(nn.Module, ABC):
+    """An adapter attached to one base layer. Subclass it and register the class by plugin.
+
+    Class attributes:
+        name: the unique name users select the variant by.
+        config_class: the :class:`VariantConfig` subclass holding its hyper-parameters.
+        exact_at_init: True when the adapted output equals the base output bit for bit right
+            after injection (the conformance suite checks it; otherwise within tolerance).
+        file_tensors: names of the tensors the adapter file stores (default: every persistent
+            entry of the adapter's ``state_dict``).
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[VariantConfig]] = VariantConfig
+    exact_at_init: ClassVar[bool] = True
+
+    def __init__(self, layer: LayerInfo, config: VariantConfig, shared: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.d_in = layer.d_in
+        self.d_out = layer.d_out
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if shared is not None:
+            self.shared = shared
+
+    # ---- the math every variant supplies -----------------------------------------------------
+
+    @abstractmethod
+    def lowrank(self, weight: Tensor | None = None) -> LowRank:
+        """The update in low-rank form.
+
+        ``weight`` is the pre-merge base weight (storage dtype, read-only); only non-additive
+        variants (DoRA) read it, to compute their row factor ``c``. The engine calls
+        ``lowrank(weight)`` at merge and keeps ``c``; at unmerge it calls ``lowrank(None)`` and
+        reuses the kept ``c`` (so ``row_scale`` may be None then).
+        """
+
+    @abstractmethod
+    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+        """The contribution ``c_a(x)`` this adapter adds to the base output (unmerged path)."""
+
+    @classmethod
+    @abstractmethod
+    def num_trainable(cls, d_in: int, d_out: int, config: VariantConfig) -> int:
+        """The trainable-parameter count of one adapted ``d_out × d_in`` layer."""
+
+    # ---- derived math ----------------------------------------------------------------------
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        """``ΔW`` for the base ``weight`` (in the weight's layout), formed in fp32 (fp64 for an
+        fp64 weight): the merged weight is ``weight + delta_weight(weight)``."""
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        w = weight.to(acc)
+        lr = self.lowrank(w)
+        update = lr.scale * (lr.B.to(acc) @ lr.A.to(acc))
+        if lr.row_scale is None:
+            return update
+        c = lr.row_scale.to(acc).unsqueeze(1)
+        return (c - 1) * w + c * update
+
+    # ---- optional hooks ----------------------------------------------------------------------
+
+    @classmethod
+    def check_layer(cls, layer: LayerInfo, config: VariantConfig) -> None:
+        """Reject a layer this config cannot adapt. Default: ``r <= min(d_in, d_out)``."""
+        if config.r > min(layer.d_in, layer.d_out):
+            raise ConfigError(
+                f"r={config.r} is larger than min(d_in, d_out)={min(layer.d_in, layer.d_out)} "
+                f"of layer {layer.path!r} ({layer.d_out}×{layer.d_in}); use r <= "
+                f"{min(layer.d_in, layer.d_out)} or leave this layer out of the targets"
+            )
+
+    @classmethod
+    def shared_state(cls, config: VariantConfig, layers: Sequence[LayerInfo]) -> nn.Module | None:
+        """State shared by all adapters of one injection (VeRA's frozen projections).
+
+        Called once per ``inject`` with every target layer; the module returned is handed to
+        each adapter's constructor as ``shared``. Keep its tensors as non-persistent buffers when
+        they are regenerated rather than saved.
+        """
+        return None
+
+    def prepare_base(self, host: AdaptedLinear, name: str) -> None:
+        """Prepare the base layer after the adapter ``name`` is built and attached (OLoRA
+        rewrites ``W``; QLoRA would quantise it).
+
+        Change the weight only through ``host.patch_base(name, B, A)``, which the engine reverts
+        bit-exactly on eject. Use factors fixed at construction, not the live parameters:
+        ``lorazoo.load`` copies the file's tensors into the adapter between construction and
+        this call.
+        """
+
+    @classmethod
+    def param_groups(
+        cls, adapters: Sequence[Variant], lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups for the trainable tensors of ``adapters`` (all of this class).
+
+        The groups must partition those tensors; the engine checks it. Default: one group.
+        """
+        params = [p for a in adapters for p in a.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
+
+    @classmethod
+    def extra_loss(cls, adapters: Sequence[Variant]) -> Tensor | None:
+        """A term to add to the training loss (AdaLoRA's orthogonality penalty), or None."""
+        return None
+
+    @classmethod
+    def after_step(cls, adapters: Sequence[Variant], step: int) -> None:
+        """Per-step training work, run after ``optimizer.step()`` (AdaLoRA's rank budget)."""
+
+    def extra_metadata(self) -> dict[str, Any]:
+        """JSON-serialisable facts written to the adapter file beside the config."""
+        return {}
+
+    def tensors(self) -> Iterable[tuple[str, Tensor]]:
+        """Every tensor an adapter file holds for this adapter (persistent state)."""
+        return self.state_dict(keep_vars=True).items()
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: d_in={self.d_in}, d_out={self.d_out}, {self.config}"
+
+
+class LowRankAdapter(Variant):
+    """``A`` (``r × d_in``) and ``B`` (``d_out × r``) with ``ΔW = s·B·A``: LoRA's building block.
+
+    Subclasses change the scale (rsLoRA), the initialisation (OLoRA), optimizer groups (LoRA+)
+    or add terms (DoRA) without repeating the tensors, the forward or the file layout.
+    Tensor names follow PEFT (``lora_A``, ``lora_B``).
+    """
+
+    def __init__(self, layer: LayerInfo, config: VariantConfig, shared: nn.Module | None = None):
+        super().__init__(layer, config, shared)
+        opts = {"dtype": layer.adapter_dtype, "device": layer.device}
+        self.lora_A = nn.Parameter(torch.empty(config.r, layer.d_in, **opts))
+        self.lora_B = nn.Parameter(torch.empty(layer.d_out, config.r, **opts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # U(-1/sqrt(d_in), 1/sqrt(d_in)) for A, zeros for B: ΔW = 0 at initialisation.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def scale(self) -> float:
+        return self.config.alpha / self.config.r
+
+    def lowrank(self, weight: Tensor | None = None) -> LowRank:
+        return LowRank(self.lora_A, self.lora_B, self.scale)
+
+    def lowrank_out(self, x: Tensor) -> Tensor:
+        """``s·B·A·drop(x)`` in the adapter dtype."""
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        return F.linear(h, self.lora_B) * self.scale
+
+    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+        return self.lowrank_out(x)
+
+    @classmethod
+    def num_trainable(cls, d_in: int, d_out: int, config: VariantConfig) -> int:
+        return config.r * (d_in + d_out)

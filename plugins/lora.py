@@ -1,0 +1,26 @@
+"""LoRA (Hu et al., arXiv 2106.09685): ``W x + s·B·A·drop(x)`` with ``s = α / r``.
+
+``A`` is Kaiming-uniform (``U(±1/√d_in)``), ``B`` is zero, so the adapted model starts equal to
+the base bit for bit. Trainable parameters per layer: ``r·(d_in + d_out)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lorazoo
+
+
+@dataclass(frozen=True)
+class LoraConfig(lorazoo.VariantConfig):
+    """``r`` (default 8), ``alpha`` (default 8, so ``s = 1``), ``dropout`` on the adapter input."""
+
+
+class LoRA(lorazoo.LowRankAdapter):
+    name = "lora"
+    config_class = LoraConfig
+
+
+@lorazoo.hookimpl
+def lorazoo_variants() -> list[type[lorazoo.Variant]]:
+    return [LoRA]
