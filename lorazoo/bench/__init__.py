@@ -1,0 +1,1 @@
+"""The comparative benchmark behind ``lorazoo bench``."""
