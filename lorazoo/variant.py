@@ -162,6 +162,8 @@ class Variant(nn.Module, ABC):
         config_class: the :class:`VariantConfig` subclass holding its hyper-parameters.
         exact_at_init: True when the adapted output equals the base output bit for bit right
             after injection (the conformance suite checks it; otherwise within tolerance).
+        example_config: hyper-parameters the conformance suite adds to ``r`` and ``alpha``
+            (for variants with required settings).
         file_tensors: names of the tensors the adapter file stores (default: every persistent
             entry of the adapter's ``state_dict``).
     """
@@ -169,6 +171,7 @@ class Variant(nn.Module, ABC):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
     exact_at_init: ClassVar[bool] = True
+    example_config: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, layer: LayerInfo, config: VariantConfig, shared: nn.Module | None = None):
         super().__init__()
