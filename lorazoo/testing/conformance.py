@@ -491,19 +491,22 @@ def run_conformance(
     """
     lorazoo.variant(variant)  # a clear error for an unknown name
     for name in checks or CHECKS:
-        fn = CHECKS[name]
-        strategy = cases(dtypes=CHECK_DTYPES.get(name, (torch.float32, torch.bfloat16)))
-        if case_extra:
-            strategy = strategy.map(
-                lambda c: Case(c.shapes, c.r, c.alpha, c.dtype, c.batch, c.seed, dict(case_extra))
-            )
+        _property(variant, CHECKS[name], name, max_examples, case_extra)()
 
-        @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(case=strategy)
-        def prop(case: Case, fn: Callable = fn) -> None:
-            fn(variant, case)
 
-        prop()
+def _property(
+    variant: str, fn: Callable[[str, Case], Any], name: str, max_examples: int, case_extra: dict[str, Any]
+) -> Callable[[], None]:
+    strategy = cases(dtypes=CHECK_DTYPES.get(name, (torch.float32, torch.bfloat16)))
+    if case_extra:
+        strategy = strategy.map(lambda c: Case(c.shapes, c.r, c.alpha, c.dtype, c.batch, c.seed, case_extra))
+
+    @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def prop(case: Case) -> None:
+        fn(variant, case)
+
+    return prop
 
 
 __all__ = [
