@@ -11,6 +11,7 @@ use only the public API and a variant's declared math (``lowrank``, ``num_traina
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -48,12 +49,16 @@ class Case:
     batch: tuple[int, ...] = (3,)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    device: str = "cpu"
 
     def __repr__(self) -> str:  # shows up in hypothesis' falsifying examples
         return (
             f"Case(shapes={self.shapes}, r={self.r}, alpha={self.alpha}, dtype={self.dtype}, "
-            f"batch={self.batch}, seed={self.seed})"
+            f"batch={self.batch}, seed={self.seed}, device={self.device!r})"
         )
+
+    def with_(self, **changes: Any) -> Case:
+        return dataclasses.replace(self, **changes)
 
 
 @st.composite
@@ -100,9 +105,12 @@ class Layers(nn.Module):
 def build(case: Case) -> tuple[Layers, list[Tensor]]:
     """The base model and inputs of a case (values bounded so nothing overflows in fp16)."""
     torch.manual_seed(case.seed)
-    model = Layers(case.shapes, case.dtype)
+    model = Layers(case.shapes, case.dtype).to(case.device)
     g = torch.Generator().manual_seed(case.seed + 1)
-    xs = [torch.randn(*case.batch, i, generator=g).clamp(-4, 4).to(case.dtype) for i, _, _ in case.shapes]
+    xs = [
+        torch.randn(*case.batch, i, generator=g).clamp(-4, 4).to(case.dtype).to(case.device)
+        for i, _, _ in case.shapes
+    ]
     return model, xs
 
 
@@ -247,7 +255,7 @@ def _wide_bound(host: AdaptedLinear, lowranks: Sequence[LowRank], weight: Tensor
     whose rounding error through merge and undo can exceed 127 units in the last place of the
     original (the original is tiny next to its update, or zero)."""
     w = weight.double()
-    g = torch.ones(w.shape[0], dtype=torch.float64)
+    g = torch.ones(w.shape[0], dtype=torch.float64, device=w.device)
     d = torch.zeros_like(w)
     for lr in lowranks:
         c = lr.row_scale.double() if lr.row_scale is not None else torch.ones_like(g)
@@ -407,13 +415,13 @@ def check_delta_consistency(variant: str, case: Case) -> None:
     """10. ``delta_weight`` agrees with the forward: in fp64, the unmerged contribution on the
     unit vectors ``e_j`` is column ``j`` of ``ΔW`` (an independent path through the variant's
     forward), within the fp64 tolerance."""
-    c64 = Case(case.shapes, case.r, case.alpha, torch.float64, case.batch, case.seed, case.extra)
+    c64 = case.with_(dtype=torch.float64)
     model, _ = build(c64)
     adapt(model, variant, c64)
     perturb(model, case.seed)
     model.eval()
     for i, h in enumerate(_layer_hosts(model)):
-        eye = torch.eye(h.in_features, dtype=torch.float64)
+        eye = torch.eye(h.in_features, dtype=torch.float64, device=h.weight.device)
         with torch.no_grad():
             base = torch.nn.functional.linear(eye, h.weight, h.bias)
             contrib = sum(a(eye, base, h) for a in (h.adapters[n] for n in h.active))
@@ -480,7 +488,11 @@ CHECK_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
 
 
 def run_conformance(
-    variant: str, max_examples: int = 25, checks: Sequence[str] | None = None, **case_extra: Any
+    variant: str,
+    max_examples: int = 25,
+    checks: Sequence[str] | None = None,
+    device: str = "cpu",
+    **case_extra: Any,
 ) -> None:
     """Run every check (or ``checks``) on ``variant`` under hypothesis.
 
@@ -491,15 +503,19 @@ def run_conformance(
     """
     lorazoo.variant(variant)  # a clear error for an unknown name
     for name in checks or CHECKS:
-        _property(variant, CHECKS[name], name, max_examples, case_extra)()
+        _property(variant, CHECKS[name], name, max_examples, device, case_extra)()
 
 
 def _property(
-    variant: str, fn: Callable[[str, Case], Any], name: str, max_examples: int, case_extra: dict[str, Any]
+    variant: str,
+    fn: Callable[[str, Case], Any],
+    name: str,
+    max_examples: int,
+    device: str,
+    case_extra: dict[str, Any],
 ) -> Callable[[], None]:
     strategy = cases(dtypes=CHECK_DTYPES.get(name, (torch.float32, torch.bfloat16)))
-    if case_extra:
-        strategy = strategy.map(lambda c: Case(c.shapes, c.r, c.alpha, c.dtype, c.batch, c.seed, case_extra))
+    strategy = strategy.map(lambda c: c.with_(device=device, extra=dict(case_extra)))
 
     @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck))
     @given(case=strategy)
