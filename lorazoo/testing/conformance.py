@@ -170,18 +170,28 @@ def _lowranks(host: AdaptedLinear, names: Sequence[str]) -> list[LowRank]:
 
 
 def _check_close(
-    got: Tensor, ref: Tensor, x: Tensor, host: AdaptedLinear, lowranks: Sequence[LowRank], what: str
+    got: Tensor,
+    ref: Tensor,
+    x: Tensor,
+    host: AdaptedLinear,
+    lowranks: Sequence[LowRank],
+    what: str,
+    weight: Tensor | None = None,
 ) -> float:
-    """Assert ``|got − ref| ≤ τ`` elementwise; returns the largest ``|Δ| / (u_s·M)``."""
-    dtype = host.weight.dtype
-    tau = merge_tolerance(x, host.weight, host.bias, lowranks, dtype)
+    """Assert ``|got − ref| ≤ τ`` elementwise; returns the largest ``|Δ| / (u_s·M)``.
+
+    ``weight`` is the base weight the magnitudes are computed from: pass the pre-merge weight
+    when the host is merged (the merged weight holds ``c ⊙ W``, not ``W``)."""
+    weight = host.weight if weight is None else weight
+    dtype = weight.dtype
+    tau = merge_tolerance(x, weight, host.bias, lowranks, dtype)
     diff = (got.double() - ref.double()).abs()
     bad = diff > tau
     assert not bool(bad.any()), (
         f"{what}: {int(bad.sum())} of {diff.numel()} outputs outside tolerance; worst |Δ| = "
         f"{float(diff.max()):.3g}, τ there = {float(tau.flatten()[int(diff.flatten().argmax())]):.3g}"
     )
-    m = magnitude(x, host.weight, host.bias, lowranks)
+    m = magnitude(x, weight, host.bias, lowranks)
     ratio = diff / (unit_roundoff(dtype) * m).clamp_min(1e-300)
     return float(ratio.max()) if ratio.numel() else 0.0
 
@@ -239,13 +249,15 @@ def check_merge_equivalence(variant: str, case: Case) -> float:
     model.eval()
     hs = _layer_hosts(model)
     lowranks = [_lowranks(h, h.active) for h in hs]
+    weights = [h.weight.detach().clone() for h in hs]
     with torch.no_grad():
         unmerged = model(xs)
         lorazoo.merge(model)
         merged = model(xs)
     worst = 0.0
     for i, (ym, yu, h) in enumerate(zip(merged, unmerged, hs, strict=True)):
-        worst = max(worst, _check_close(ym, yu, xs[i], h, lowranks[i], f"layer {i} merged vs unmerged"))
+        what = f"layer {i} merged vs unmerged"
+        worst = max(worst, _check_close(ym, yu, xs[i], h, lowranks[i], what, weights[i]))
     _record(STATS, str(case.dtype).replace("torch.", ""), worst)
     return worst
 
@@ -333,12 +345,14 @@ def check_multi_adapter(variant: str, case: Case, other: str = "lora") -> None:
     before = _snapshot(model)
     hs = _layer_hosts(model)
     lowranks = [_lowranks(h, ("first", "second")) for h in hs]
+    weights = [h.weight.detach().clone() for h in hs]
     with torch.no_grad():
         unmerged = model(xs)
         lorazoo.merge(model)
         merged = model(xs)
     for i, (ym, yu, h) in enumerate(zip(merged, unmerged, hs, strict=True)):
-        _check_close(ym, yu, xs[i], h, lowranks[i], f"layer {i}: two adapters merged vs unmerged")
+        what = f"layer {i}: two adapters merged vs unmerged"
+        _check_close(ym, yu, xs[i], h, lowranks[i], what, weights[i])
     lorazoo.unmerge(model)
     _assert_bitwise(before, model, "two adapters: merge → unmerge")
     with torch.no_grad():
@@ -403,12 +417,14 @@ def check_dropout(variant: str, case: Case) -> None:
     model.eval()
     hs = _layer_hosts(model)
     lowranks = [_lowranks(h, h.active) for h in hs]
+    weights = [h.weight.detach().clone() for h in hs]
     with torch.no_grad():
         u = model(xs)
         lorazoo.merge(model)
         m = model(xs)
     for i, (ym, yu, h) in enumerate(zip(m, u, hs, strict=True)):
-        _check_close(ym, yu, xs[i], h, lowranks[i], f"layer {i}: eval with dropout, merged vs unmerged")
+        what = f"layer {i}: eval with dropout, merged vs unmerged"
+        _check_close(ym, yu, xs[i], h, lowranks[i], what, weights[i])
 
 
 def check_delta_consistency(variant: str, case: Case) -> None:
@@ -427,7 +443,8 @@ def check_delta_consistency(variant: str, case: Case) -> None:
             contrib = sum(a(eye, base, h) for a in (h.adapters[n] for n in h.active))
             delta = sum(h.adapters[n].delta_weight(h.weight) for n in h.active)
         lowranks = _lowranks(h, h.active)
-        tau = merge_tolerance(eye, h.weight, None, lowranks, torch.float64)
+        # the base output fed to the forward includes the bias, and so does its rounding
+        tau = merge_tolerance(eye, h.weight, h.bias, lowranks, torch.float64)
         diff = (contrib - delta.T).abs()
         assert bool((diff <= tau).all()), (
             f"layer {i}: forward contribution and delta_weight disagree by {float(diff.max()):.3g}"

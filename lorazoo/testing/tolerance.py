@@ -6,7 +6,7 @@ is bounded by rounding in proportion to the *magnitudes* entering the sums, not 
     |y_merged − y_unmerged|_i ≤ τ_i = C·(ρ·u_s + γ_K(u_a))·M_i + η_i
 
 with ``M_i = Σ_j|W_ij||x_j| + |b_i| + Σ_a [|c_a,i|·|s_a|·Σ_k|B_a,ik|·Σ_j|A_a,kj||x_j|
-+ |c_a,i − 1|·Σ_j|W_ij||x_j|]`` computed in fp64 from the actual tensors, ``u_s`` the unit
++ |c_a,i − 1|·(Σ_j|W_ij||x_j| + |b_i|)]`` computed in fp64 from the actual tensors, ``u_s`` the unit
 roundoff of the storage dtype, ``u_a`` that of the accumulation, ``γ_K(u) = K·u/(1 − K·u)``
 with ``K = d_in + max r + 1``, ``ρ = 8`` roundings, safety factor ``C = 2`` and
 ``η_i = ρ·σ·(1 + Σ_j|x_j|)`` for gradual underflow (σ = smallest subnormal).
@@ -55,8 +55,12 @@ def magnitude(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
     aw = weight.detach().double().abs()
     wx = ax @ aw.T
     m = wx.clone()
+    # |W x| + |b|: the size of the base output. A row-scaling variant (c ≠ 1) recovers W x from
+    # the rounded base output, so that output's rounding error reaches y multiplied by c − 1.
+    base = wx
     if bias is not None:
-        m = m + bias.detach().double().abs()
+        base = wx + bias.detach().double().abs()
+        m = base.clone()
     for lr in adapters:
         c = (
             lr.row_scale.detach().double()
@@ -64,7 +68,7 @@ def magnitude(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
             else torch.ones(weight.shape[0], dtype=torch.float64, device=weight.device)
         )
         low = (ax @ lr.A.detach().double().abs().T) @ lr.B.detach().double().abs().T
-        m = m + c.abs() * abs(float(lr.scale)) * low + (c - 1).abs() * wx
+        m = m + c.abs() * abs(float(lr.scale)) * low + (c - 1).abs() * base
     return m
 
 
