@@ -164,14 +164,16 @@ class Variant(nn.Module, ABC):
             after injection (the conformance suite checks it; otherwise within tolerance).
         example_config: hyper-parameters the conformance suite adds to ``r`` and ``alpha``
             (for variants with required settings).
-        file_tensors: names of the tensors the adapter file stores (default: every persistent
-            entry of the adapter's ``state_dict``).
+        recommended_lr: the AdamW learning rate this variant is known to train well with on
+            small and mid-sized models (``lorazoo bench`` uses it unless told otherwise; scale it
+            down for models of billions of parameters).
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
     exact_at_init: ClassVar[bool] = True
     example_config: ClassVar[dict[str, Any]] = {}
+    recommended_lr: ClassVar[float] = 1e-3
 
     def __init__(self, layer: LayerInfo, config: VariantConfig, shared: nn.Module | None = None):
         super().__init__()
