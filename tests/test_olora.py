@@ -325,3 +325,23 @@ def test_export_refuses_rank_2r_above_layer_size_and_changes_nothing() -> None:
     assert _same_bits(model[0].weight, w_res)
     lorazoo.eject(model)
     assert _same_bits(model[0].weight, original)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_init_matches_peft_bit_for_bit(rslora: bool) -> None:
+    """PEFT 0.21.2's init_lora_weights="olora" gives the same A, B and rewritten base."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 7))
+    twin = copy.deepcopy(model)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0", "1"], init_lora_weights="olora", use_rslora=rslora
+    )
+    pm = peft.get_peft_model(model, cfg)
+    lorazoo.inject(twin, "olora", targets=[nn.Linear], r=4, alpha=8, rslora=rslora)
+    for i in range(2):
+        theirs = pm.base_model.model[i]
+        ours = twin[i]
+        assert _same_bits(theirs.base_layer.weight, ours.weight)
+        assert _same_bits(theirs.lora_A["default"].weight, ours.adapters["default"].lora_A)
+        assert _same_bits(theirs.lora_B["default"].weight, ours.adapters["default"].lora_B)

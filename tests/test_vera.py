@@ -388,3 +388,18 @@ def test_rank_above_layer_size_works_end_to_end(tmp_path) -> None:
     fresh.eval()
     with torch.no_grad():
         assert _same_bits(fresh(x), y)
+
+
+def test_projections_match_peft_bit_for_bit() -> None:
+    """PEFT 0.21.2 draws the same pair for the same key and targets (VARIANTS.md §8)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = Mixed([(12, 20), (30, 8)])
+    twin = copy.deepcopy(model)
+    pm = peft.get_peft_model(
+        model, peft.VeraConfig(r=16, target_modules=["layers.0", "layers.1"], projection_prng_key=5)
+    )
+    lorazoo.inject(twin, "vera", targets=[nn.Linear], r=16, projection_prng_key=5)
+    proj = hosts(twin)[0][1].adapters["default"].shared
+    assert _same_bits(pm.base_model.vera_A["default"], proj.vera_A)
+    assert _same_bits(pm.base_model.vera_B["default"], proj.vera_B)
