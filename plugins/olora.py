@@ -70,8 +70,8 @@ class OLoRA(lorazoo.LowRankAdapter):
     name = "olora"
     config_class = OLoraConfig
     exact_at_init = False
-    # OLoRA changes only the initialisation, so it keeps LoRA's default (Variant.recommended_lr),
-    # as the paper compares the two at one learning rate per model. A 60-step AdamW sweep on a
+    # OLoRA changes only the initialisation, so it keeps LoRA's default (Variant.recommended_lr).
+    # A 60-step AdamW sweep on a
     # 2-layer LlamaLike, all-linear, r=16, α=32, gave eval losses 4.49 / 3.42 / 2.92 / 4.01
     # nats at 3e-4 / 1e-3 / 3e-3 / 1e-2 (LoRA at 1e-3: 3.40).
     recommended_lr = 1e-3
