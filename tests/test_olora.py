@@ -345,3 +345,19 @@ def test_init_matches_peft_bit_for_bit(rslora: bool) -> None:
         assert _same_bits(theirs.base_layer.weight, ours.weight)
         assert _same_bits(theirs.lora_A["default"].weight, ours.adapters["default"].lora_A)
         assert _same_bits(theirs.lora_B["default"].weight, ours.adapters["default"].lora_B)
+
+
+def test_disabled_runs_on_the_rewritten_base() -> None:
+    """lorazoo.disabled turns the adapter off but keeps W_res (as PEFT's disable_adapter does):
+    the output is W_res·x + b bit for bit, which is not the original model's output."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        y_orig = layer(x)
+    model = lorazoo.inject(nn.Sequential(layer), "olora", targets=[nn.Linear], r=8, alpha=8)
+    host = model[0]
+    with torch.no_grad(), lorazoo.disabled(model):
+        y_off = model(x)
+    assert _same_bits(y_off, torch.nn.functional.linear(x, host.weight, host.bias).detach())
+    assert float((y_off - y_orig).abs().max()) > 0.01
