@@ -31,11 +31,11 @@ from torch import nn
 import lorazoo
 
 
-def _positive(name: str, value: object) -> None:
+def _positive(name: str, value: object, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise lorazoo.ConfigError(f"{name} must be a positive number, got {value!r}")
+        raise lorazoo.ConfigError(f"{name} must be a positive number, got {value!r}; {hint}")
     if not (math.isfinite(value) and value > 0):
-        raise lorazoo.ConfigError(f"{name} must be a finite number > 0, got {value}")
+        raise lorazoo.ConfigError(f"{name} must be a finite number > 0, got {value}; {hint}")
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,10 @@ class LoraPlusConfig(lorazoo.VariantConfig):
 
     def validate(self) -> None:
         super().validate()
-        _positive("lr_ratio", self.lr_ratio)
-        _positive("lr_embedding", self.lr_embedding)
+        _positive("lr_ratio", self.lr_ratio, "B trains at lr_ratio·lr, and the paper's rule of thumb is 16")
+        _positive(
+            "lr_embedding", self.lr_embedding, "it is the absolute rate of embedding adapters, default 1e-6"
+        )
 
 
 def _on_embedding(layer: lorazoo.LayerInfo) -> bool:
