@@ -279,6 +279,22 @@ def _exact_effect(x: Tensor, host: AdaptedLinear, original: Tensor) -> Tensor:
     return out
 
 
+def _adapter_magnitude(x: Tensor, host: AdaptedLinear) -> Tensor:
+    """``Σ_a |c_a|·|s_a|·|B_a|·|A_a|·|x| + |c_a − 1|·|W|·|x|`` in fp64: a bound on what the active
+    adapters can add to the output for input ``x``."""
+    ax = x.detach().double().abs()
+    wx = ax @ host.weight.detach().double().abs().T
+    out = torch.zeros_like(wx)
+    for lr in _lowranks(host, host.active):
+        low = (ax @ lr.A.detach().double().abs().T) @ lr.B.detach().double().abs().T * abs(float(lr.scale))
+        if lr.row_scale is None:
+            out += low
+        else:
+            c = lr.row_scale.detach().double()
+            out += c.abs() * low + (c - 1).abs() * wx
+    return out
+
+
 def check_merge_equivalence(variant: str, case: Case) -> float:
     """3. In eval mode the merged output equals the unmerged output within τ."""
     model, xs = build(case)
@@ -449,9 +465,18 @@ def check_dropout(variant: str, case: Case) -> None:
         torch.manual_seed(case.seed)
         a = model(big)
         b = model(big)
-    assert any(not torch.equal(_bits(p), _bits(q)) for p, q in zip(a, b, strict=True)), (
-        "dropout > 0 in train mode: two forwards should differ"
-    )
+    if not any(not torch.equal(_bits(p), _bits(q)) for p, q in zip(a, b, strict=True)):
+        # Legitimate only if every adapter contribution, even with survivors scaled by
+        # 1/(1 − p), is below the rounding of the output it is added to (as in
+        # check_perturbed_differs: VeRA's fixed projection of a 1-input layer can be tiny).
+        u_s = unit_roundoff(case.dtype)
+        eta = RHO * smallest_subnormal(case.dtype)
+        for i, (x, y, h) in enumerate(zip(big, a, _layer_hosts(model), strict=True)):
+            bound = _adapter_magnitude(x, h) / (1 - 0.5)
+            assert bool((bound <= 2 * u_s * y.double().abs() + eta).all()), (
+                f"dropout > 0 in train mode: two forwards should differ (layer {i}'s adapter "
+                f"contributes up to {float(bound.max()):.3g}, above the output's rounding)"
+            )
     model.eval()
     hs = _layer_hosts(model)
     lowranks = [_lowranks(h, h.active) for h in hs]
