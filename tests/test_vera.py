@@ -18,7 +18,7 @@ import lorazoo
 from lorazoo.engine.inject import hosts
 from lorazoo.io import read
 from lorazoo.testing import Case, merge_tolerance
-from lorazoo.testing.conformance import check_perturbed_differs
+from lorazoo.testing.conformance import check_dropout, check_perturbed_differs
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -287,6 +287,37 @@ def test_perturbed_differs_still_catches_an_adapter_without_effect(dtype: torch.
     finally:
         lorazoo.unregister(plugin)
     assert "mute_vera_for_test" not in lorazoo.variants()
+
+
+class _DrylessVeRA(VeRA):
+    """A broken VeRA that ignores its dropout."""
+
+    name = "dryless_vera_for_test"
+
+    def forward(self, x, base_out, host):
+        a, b = self.projections
+        return torch.nn.functional.linear(x.float() @ a.T * self.vera_lambda_d, b) * self.vera_lambda_b
+
+
+class _DrylessPlugin:
+    @lorazoo.hookimpl
+    def lorazoo_variants(self):
+        return [_DrylessVeRA]
+
+
+def test_dropout_check_accepts_hidden_contributions_and_still_catches_missing_dropout() -> None:
+    """check_dropout: a 1×1 bf16 VeRA layer (key 0) contributes less than the output's rounding,
+    so two dropout forwards may agree; a variant that ignores dropout still fails."""
+    tiny = Case(shapes=((1, 1, False),), r=1, alpha=0.5, dtype=torch.bfloat16, batch=(1,), seed=8)
+    check_dropout("vera", tiny)
+    plugin = _DrylessPlugin()
+    lorazoo.register(plugin)
+    try:
+        case = Case(shapes=((16, 8, True),), r=4, alpha=1.0, dtype=torch.float32, batch=(3,), seed=2)
+        with pytest.raises(AssertionError, match="two forwards should differ"):
+            check_dropout("dryless_vera_for_test", case)
+    finally:
+        lorazoo.unregister(plugin)
 
 
 # ---- files -----------------------------------------------------------------------------------
