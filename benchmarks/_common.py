@@ -141,3 +141,53 @@ def record(title: str, table: str, notes: str = "") -> None:
         )
     with RESULTS.open("a") as f:
         f.write("\n".join(block) + "\n")
+
+
+# ---- shared by the engine benchmarks (inject, forward, merge, train, load) ---------------------
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def set_threads(n: int) -> None:
+    """Pin intra-op threads. One thread by default: on a shared two-core machine a second
+    thread mostly measures the neighbours, and ``process_time`` then sums both threads."""
+    torch.set_num_threads(max(1, n))
+
+
+def peft_module():
+    """The ``peft`` module, or None when it is not installed (columns then say so)."""
+    try:
+        import peft
+    except Exception:
+        return None
+    return peft
+
+
+def peft_lora_config(r: int, alpha: float, targets: list[str] | None = None, **extra):
+    peft = peft_module()
+    assert peft is not None
+    return peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets or LLAMA_TARGETS, **extra
+    )
+
+
+NOT_INSTALLED = "not installed"
+
+
+def fmt(s: Stats, digits: int = 3, unit: str = "", scale: float = 1.0) -> str:
+    """``median [q1–q3]``: the spread as the interquartile range, in the median's unit."""
+    return f"{s.median * scale:.{digits}g}{unit} [{s.q1 * scale:.{digits}g}–{s.q3 * scale:.{digits}g}]"
+
+
+def verdict(s: Stats, target: float, below: bool = True) -> str:
+    """``met`` / ``missed`` when the whole interquartile range is on one side of ``target``,
+    else ``inconclusive`` (the spread is larger than the distance to the target)."""
+    lo, hi = s.q1, s.q3
+    if below:
+        return "met" if hi <= target else "missed" if lo > target else "inconclusive"
+    return "met" if lo >= target else "missed" if hi < target else "inconclusive"
+
+
+def sig_diff(a: Stats, b: Stats) -> bool:
+    """True when the interquartile ranges of two figures do not overlap."""
+    return a.q3 < b.q1 or b.q3 < a.q1

@@ -31,7 +31,9 @@ _BITS = {
     torch.bfloat16: torch.int16,
     torch.float16: torch.int16,
 }
-_CHUNK_BYTES = 1 << 20  # fp32 working set of one row chunk (~1 MiB keeps it in L2)
+_CHUNK_BYTES = 1 << 18  # bytes of one acc-dtype row chunk; ~4 such buffers stay in a 2 MiB L2
+_BLOCK = 64  # elements per block when screening a chunk for wide entries
+_CHUNK_BYTES_CUDA = 1 << 26  # on a GPU, large chunks: the per-chunk range check synchronises
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,8 +41,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(d_out: int, d_in: int) -> int:
-    return max(1, min(d_out, _CHUNK_BYTES // (4 * max(1, d_in))))
+def chunk_rows(d_out: int, d_in: int, device: torch.device | None = None, itemsize: int = 4) -> int:
+    """Rows per chunk. Both directions must use the same partition (the undo is recomputed)."""
+    budget = _CHUNK_BYTES_CUDA if device is not None and device.type == "cuda" else _CHUNK_BYTES
+    return max(1, min(d_out, budget // (itemsize * max(1, d_in))))
 
 
 @dataclass
@@ -77,13 +81,95 @@ def _factors(B: Tensor, A: Tensor, g: Tensor | None, acc: torch.dtype, device: t
     return B, A, g
 
 
-def _undo_chunk(merged: Tensor, B: Tensor, A: Tensor, g: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """The arithmetic undo of one chunk, ``cast((W' − B·A) / g)``; shared by both directions."""
-    d = B @ A
-    back = merged.to(d.dtype) - d
+class _Work:
+    """Chunk-sized scratch buffers, allocated once per call and reused for every chunk.
+
+    Fresh temporaries per chunk would each be a new allocation (for large ones, new pages the
+    kernel must zero), which costs more than the arithmetic; ``out=`` into these keeps the
+    working set in cache and the weight read and written once.
+    """
+
+    def __init__(self, rows: int, d_in: int, dtype: torch.dtype, acc: torch.dtype, device: torch.device):
+        self.d = torch.empty(rows, d_in, dtype=acc, device=device)  # B·A, then the undo
+        self.m = torch.empty(rows, d_in, dtype=acc, device=device)  # merged, in acc
+        low = dtype != acc
+        self.m_lp = torch.empty(rows, d_in, dtype=dtype, device=device) if low else None
+        self.b_lp = torch.empty(rows, d_in, dtype=dtype, device=device) if low else None
+
+    def take(self, rows: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[:rows]
+
+        return self.d[:rows], self.m[:rows], cut(self.m_lp), cut(self.b_lp)
+
+
+def _undo_into(merged: Tensor, d: Tensor, g: Tensor | None, back_lp: Tensor | None) -> Tensor:
+    """The arithmetic undo ``cast((W' − B·A) / g)`` of one chunk, shared by both directions.
+
+    ``d`` holds ``B·A`` on entry and is overwritten with the undo in the accumulation dtype;
+    ``back_lp`` (low-precision weights only) receives its cast. Returns the undo in the weight
+    dtype.
+    """
+    torch.sub(merged, d, out=d)
     if g is not None:
-        back = back / g
-    return back.to(dtype)
+        d.div_(g)
+    if back_lp is None:
+        return d
+    back_lp.copy_(d)
+    return back_lp
+
+
+def _out_of_int8(diff: Tensor) -> Tensor:
+    """Flat positions of the entries of ``diff`` outside ``[-128, 127]``.
+
+    They are few (elements whose update dwarfs them), so blocks of 64 are screened first with
+    one reduction and only blocks that hold any are searched element by element. (``abs`` maps
+    the most negative integer to itself, so such an entry would escape the screen: the search
+    then falls back to every element.)
+    """
+    flat = diff.reshape(-1)
+    n = flat.numel()
+    if n % _BLOCK or int(flat.amin()) == torch.iinfo(flat.dtype).min:
+        return torch.nonzero((flat < -128) | (flat > 127)).squeeze(1)
+    blocks = flat.view(-1, _BLOCK)
+    hot = torch.nonzero(blocks.abs().amax(1) > 127).squeeze(1)
+    sub = blocks[hot]
+    hit = torch.nonzero((sub < -128) | (sub > 127))
+    return hot[hit[:, 0]] * _BLOCK + hit[:, 1]
+
+
+def _sparse_pays(dense: Tensor, pair_bytes: int) -> bool:
+    """True when (index, int8) pairs take fewer bytes than one byte per element.
+
+    Counting every non-zero costs more than the merge's arithmetic, so a strided sample
+    decides first; only a sample near the break-even share leads to the full count.
+    """
+    numel = dense.numel()
+    sample = dense[:: max(1, numel // 65536)]
+    share = float(torch.count_nonzero(sample)) / max(1, sample.numel())
+    if share > 2.0 / pair_bytes:  # clearly dense: twice the break-even share
+        return False
+    return int(torch.count_nonzero(dense)) * pair_bytes < numel
+
+
+def _nonzero_int8(flat: Tensor) -> Tensor:
+    """Positions of the non-zero entries of a 1-D int8 tensor, ascending.
+
+    ``torch.nonzero`` costs several ns per element scanned, more than the whole merge's
+    arithmetic. Scanning 8-byte words instead visits an eighth of the entries; only the few
+    words that hold a non-zero byte are then searched byte by byte.
+    """
+    n = flat.numel()
+    head = n - n % 8
+    if head == 0 or flat.storage_offset() % 8:
+        return torch.nonzero(flat).squeeze(1)
+    words = flat[:head].view(torch.int64)
+    hot = torch.nonzero(words).squeeze(1)
+    hit = torch.nonzero(words[hot].view(torch.int8).view(-1, 8))
+    found = hot[hit[:, 0]] * 8 + hit[:, 1]
+    if head < n:
+        found = torch.cat([found, torch.nonzero(flat[head:]).squeeze(1) + head])
+    return found
 
 
 @torch.no_grad()
@@ -94,38 +180,55 @@ def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) 
     dtype = weight.dtype
     if dtype not in _BITS:
         raise TypeError(f"exact updates support float32/float64/bfloat16/float16, not {dtype}")
+    if not weight.is_contiguous():
+        work = weight.contiguous()
+        res = apply_update(work, B, A, g)
+        weight.copy_(work)
+        return res
     acc = acc_dtype(dtype)
     d_out, d_in = weight.shape
-    B, A, g = _factors(B, A, g, acc, weight.device)
+    device = weight.device
+    B, A, g = _factors(B, A, g, acc, device)
     ibits = _BITS[dtype]
     numel = weight.numel()
-    dense = torch.empty(numel, dtype=torch.int8, device=weight.device)
+    dense = torch.empty(numel, dtype=torch.int8, device=device)
     itype = torch.int32 if numel < 2**31 else torch.int64
     wide_index: list[Tensor] = []
     wide_bits: list[Tensor] = []
-    step = chunk_rows(d_out, d_in)
+    step = chunk_rows(d_out, d_in, device, acc.itemsize)
+    buf = _Work(min(step, d_out), d_in, dtype, acc, device)
     for start in range(0, d_out, step):
         stop = min(d_out, start + step)
+        rows = stop - start
         w = weight[start:stop]
-        b = B[start:stop]
         gc = g[start:stop] if g is not None else None
-        d = b @ A
-        w_acc = w.to(acc)
-        merged = torch.addcmul(d, w_acc, gc) if gc is not None else w_acc + d
-        merged = merged.to(dtype)
-        back = _undo_chunk(merged, b, A, gc, dtype)
+        d, m, m_lp, b_lp = buf.take(rows)
+        torch.mm(B[start:stop], A, out=d)
+        if gc is None:
+            torch.add(w, d, out=m)  # a low-precision w is widened exactly inside the add
+        else:
+            m.copy_(w)
+            torch.addcmul(d, m, gc, out=m)
+        if m_lp is not None:
+            m_lp.copy_(m)
+            merged = m_lp
+        else:
+            merged = m
+        back = _undo_into(merged, d, gc, b_lp)
         # bits(original) - bits(undo), wrapping in the native integer width; restoring adds it
         # back with the same wrap, so the round trip is exact even across sign changes.
-        diff = (w.contiguous().view(ibits) - back.view(ibits)).reshape(-1)
-        small = (diff >= -128) & (diff <= 127)
-        lo, hi = start * d_in, stop * d_in
-        dense[lo:hi] = torch.where(small, diff, torch.zeros_like(diff)).to(torch.int8)
-        if not bool(small.all()):
-            idx = torch.nonzero(~small).squeeze(1)
-            wide_index.append((idx + lo).to(itype))
-            wide_bits.append(w.contiguous().view(ibits).reshape(-1)[idx].clone())
+        diff = back.view(ibits)
+        torch.sub(w.view(ibits), diff, out=diff)
+        lo_bits, hi_bits = torch.aminmax(diff)
+        chunk = dense[start * d_in : stop * d_in].view(rows, d_in)
+        if int(lo_bits) >= -128 and int(hi_bits) <= 127:
+            chunk.copy_(diff)
+        else:  # some originals are lost in W' (|W| ≪ |ΔW|): keep their bits
+            chunk.copy_(diff)  # the wide positions' entries are overwritten on revert anyway
+            idx = _out_of_int8(diff)
+            wide_index.append((idx + start * d_in).to(itype))
+            wide_bits.append(w.view(ibits).reshape(-1)[idx].clone())
         w.copy_(merged)
-    device = weight.device
     res = Residual(
         numel=numel,
         dense=dense,
@@ -134,10 +237,10 @@ def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) 
         wide_index=torch.cat(wide_index) if wide_index else torch.empty(0, dtype=itype, device=device),
         wide_bits=torch.cat(wide_bits) if wide_bits else torch.empty(0, dtype=ibits, device=device),
     )
-    nz = torch.nonzero(dense).squeeze(1)
-    if nz.numel() * (itype.itemsize + 1) < numel:  # (index, int8) pairs beat one byte each
+    if _sparse_pays(dense, itype.itemsize + 1):
+        nz = _nonzero_int8(dense)
         res.index = nz.to(itype)
-        res.values = dense[nz].clone()
+        res.values = dense[nz]
         res.dense = None
     return res
 
@@ -146,26 +249,35 @@ def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) 
 def revert_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None, residual: Residual | None) -> None:
     """Undo :func:`apply_update` in place. With ``residual`` the original bits come back exactly;
     with ``None`` the undo is plain arithmetic (within rounding)."""
+    if not weight.is_contiguous():
+        if residual is not None:
+            raise RuntimeError("exact revert needs a contiguous weight")
+        work = weight.contiguous()
+        revert_update(work, B, A, g, None)
+        weight.copy_(work)
+        return
     dtype = weight.dtype
     acc = acc_dtype(dtype)
     d_out, d_in = weight.shape
-    B, A, g = _factors(B, A, g, acc, weight.device)
+    device = weight.device
+    B, A, g = _factors(B, A, g, acc, device)
     ibits = _BITS[dtype]
     dense = residual.dense if residual is not None else None
-    step = chunk_rows(d_out, d_in)
+    step = chunk_rows(d_out, d_in, device, acc.itemsize)
+    buf = _Work(min(step, d_out), d_in, dtype, acc, device)
     for start in range(0, d_out, step):
         stop = min(d_out, start + step)
+        rows = stop - start
         w = weight[start:stop]
-        back = _undo_chunk(w, B[start:stop], A, g[start:stop] if g is not None else None, dtype)
+        d, _, _, b_lp = buf.take(rows)
+        torch.mm(B[start:stop], A, out=d)
+        back = _undo_into(w, d, g[start:stop] if g is not None else None, b_lp)
         if dense is not None:
-            corr = dense[start * d_in : stop * d_in].view(stop - start, d_in).to(ibits)
-            back = (back.view(ibits) + corr).view(dtype)
+            back.view(ibits).add_(dense[start * d_in : stop * d_in].view(rows, d_in))
         w.copy_(back)
     if residual is None:
         return
-    flat = weight.view(-1).view(ibits) if weight.is_contiguous() else None
-    if flat is None:
-        raise RuntimeError("exact revert needs a contiguous weight")
+    flat = weight.view(-1).view(ibits)
     if residual.index is not None and residual.index.numel():
         idx = residual.index.long()
         flat[idx] += residual.values.to(ibits)

@@ -31,6 +31,38 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+def fusable(cls: type) -> bool:
+    """True when adapters of ``cls`` may take the fused forward path.
+
+    The fused path computes ``y += s·(drop(x)·Aᵀ)·Bᵀ`` in one ``addmm_`` on the base output
+    (no separate scale and add passes over the ``d_out``-sized output). It is only valid for
+    a contribution that is exactly :class:`~lorazoo.LowRankAdapter`'s, so a variant qualifies
+    only by keeping that class's ``forward`` and ``lowrank_out`` untouched; overriding either
+    (DoRA) selects the general path, and a subclass can also opt out with
+    ``fused_forward = False``.
+    """
+    from ..variant import LowRankAdapter
+
+    return (
+        issubclass(cls, LowRankAdapter)
+        and cls.forward is LowRankAdapter.forward
+        and cls.lowrank_out is LowRankAdapter.lowrank_out
+        and getattr(cls, "fused_forward", True) is not False
+    )
+
+
+def _fast_applies(adapter: Variant, x: Tensor, y: Tensor) -> bool:
+    """Per call: the fused path needs one dtype and device throughout, no autocast (which
+    would change the dtypes the general path computes in) and a contiguous output."""
+    A = adapter.lora_A
+    return (
+        A.dtype == y.dtype == x.dtype
+        and A.device == y.device
+        and y.is_contiguous()
+        and not torch.is_autocast_enabled(y.device.type)
+    )
+
+
 @dataclass
 class MergeState:
     """What a host remembers while adapters are merged into its weight."""
@@ -74,6 +106,7 @@ class AdaptedLinear(nn.Module):
         self.merged: MergeState | None = None
         self.patches: list[BasePatch] = []
         self._run: tuple[Variant, ...] = ()  # adapters the forward applies
+        self._fusable: frozenset[Variant] = frozenset()  # those that may take the fused path
         self.register_load_state_dict_post_hook(_ignore_missing_adapter_keys)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -85,6 +118,7 @@ class AdaptedLinear(nn.Module):
     def _refresh(self) -> None:
         merged = self.merged.names if self.merged else ()
         self._run = tuple(self.adapters[n] for n in self.active if n not in merged)
+        self._fusable = frozenset(a for a in self._run if fusable(type(a)))
 
     def add_adapter(self, name: str, adapter: Variant, active: bool = True) -> None:
         if name in self.adapters:
@@ -113,14 +147,26 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        run = self._run
         if self.merged is not None and self.training and torch.is_grad_enabled():
             self._refuse_training_while_merged()
-        if not run:
+        if not self._run:
             return y
         out = y
-        for adapter in run:
-            out = out + adapter(x, y, self).to(y.dtype)
+        fast: list[Variant] = []
+        for adapter in self._run:
+            if adapter in self._fusable and _fast_applies(adapter, x, y):
+                fast.append(adapter)
+            else:
+                out = out + adapter(x, y, self).to(y.dtype)
+        if fast:
+            # Only now may the output be changed in place: general adapters above saw the base
+            # output unchanged (and may have saved it for backward); ``out`` is either their
+            # fresh sum or ``y``, which the base layer's backward does not need.
+            flat = out.view(-1, self.out_features)
+            x2 = x.reshape(-1, self.in_features)
+            for adapter in fast:
+                h = F.linear(adapter.dropout(x2), adapter.lora_A)
+                flat.addmm_(h, adapter.lora_B.t(), alpha=adapter.scale)
         return out
 
     def _refuse_training_while_merged(self) -> None:
