@@ -1,2 +1,237 @@
-def main(argv=None):
-    raise SystemExit("lorazoo bench is not available yet")
+"""The ``lorazoo`` command: ``lorazoo bench`` (the comparative benchmark) and ``lorazoo variants``.
+
+``main(argv)`` returns the exit status instead of exiting, so tests and notebooks can call it:
+0 on success, 2 for a bad option (with a message saying what would be right, and nothing written),
+1 for a failure while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import LorazooError
+
+
+class UsageError(LorazooError, ValueError):
+    """A command-line option that cannot be used."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}\n(see '{self.prog} --help')")
+
+
+def parse_lr(text: str) -> dict[str, float]:
+    """``"2e-3"`` → every run; ``"vera=1e-2,full=1e-4"`` → those runs. Items may be repeated."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = item.rpartition("=")
+        key = name.strip() if sep else "*"
+        if sep and not key:
+            raise UsageError(f"--lr {text!r}: '{item}' has no run name before '='; write NAME=VALUE or VALUE")
+        try:
+            lr = float(value)
+        except ValueError:
+            raise UsageError(
+                f"--lr {text!r}: {value.strip()!r} is not a number; write e.g. --lr 2e-3 or --lr vera=1e-2"
+            ) from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise UsageError(
+                f"--lr {text!r}: a learning rate must be a positive finite number, got {value.strip()}"
+            )
+        out[key] = lr
+    if not out:
+        raise UsageError("--lr is empty; write e.g. --lr 2e-3 or --lr vera=1e-2")
+    return out
+
+
+def _names(text: str, option: str) -> list[str]:
+    items = [t.strip() for t in text.split(",")]
+    if not items or any(not t for t in items):
+        raise UsageError(f"{option} {text!r}: give a comma-separated list without empty items")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+BENCH_HELP = """\
+Pre-train a small byte-level model on CPython's standard-library source (once; cached), adapt
+it to English prose from the Python documentation with every registered variant under one budget,
+and compare: trainable parameters, adapter file size, training speed, peak memory, what each run
+learned (target-domain bits per byte) and forgot (source-domain bits per byte), the merged-vs-
+unmerged logit difference and the unmerged/merged latency ratio. Baselines: the untouched base and
+full fine-tuning. Writes results.json, report.md and (with matplotlib) figure.png to --out.
+See docs/bench.md."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lorazoo",
+        description="lorazoo: the LoRA family of fine-tuning methods behind one interface.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    b = sub.add_parser(
+        "bench",
+        help="compare the registered variants on a small pre-trained model",
+        description=BENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--variants", metavar="A,B,C", help="variants to run (default: every registered one)")
+    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 150; --quick: 25)")
+    b.add_argument(
+        "--rank",
+        type=_positive_int,
+        help="comparable rank (default 8; --quick: 4): LoRA-like variants use it as r, others their "
+        "own default r scaled by rank/8 (VeRA: 32×rank)",
+    )
+    b.add_argument(
+        "--targets",
+        metavar="NAMES",
+        help="modules to adapt, comma-separated (default: all-linear, i.e. every "
+        "projection but the output head; e.g. q_proj,v_proj)",
+    )
+    b.add_argument(
+        "--seed", type=_nonneg_int, help="seed of the data splits, initialisation and batches (default 0)"
+    )
+    b.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default ./lorazoo-bench/<UTC timestamp>); must not exist or be empty",
+    )
+    b.add_argument(
+        "--quick", action="store_true", help="a smoke run: tiny model, few steps, small data (seconds)"
+    )
+    b.add_argument(
+        "--lr",
+        action="append",
+        metavar="LR|NAME=LR",
+        help="learning rate for every run (--lr 2e-3) or one run (--lr vera=1e-2, --lr full=1e-4); may be "
+        "repeated. Default: each variant's recommended_lr; full fine-tuning 3e-4",
+    )
+    b.add_argument(
+        "--model",
+        metavar="PATH",
+        help="adapt a local Hugging Face model directory instead "
+        "(needs transformers; no pre-training; tokenised with its tokenizer)",
+    )
+    b.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="cache folder for the pre-trained base (default: "
+        "$LORAZOO_CACHE_DIR, else $XDG_CACHE_HOME/lorazoo, else ~/.cache/lorazoo)",
+    )
+    b.add_argument(
+        "--threads", type=_positive_int, help="torch threads (default: the CPUs this process may use)"
+    )
+    b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    sub.add_parser("variants", help="list the registered variants and their defaults")
+    return parser
+
+
+def _default_out() -> Path:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("lorazoo-bench") / stamp
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.report import summary, table, write_outputs
+    from .bench.runner import Options, run_bench
+
+    lrs: dict[str, float] = {}
+    for text in args.lr or ():
+        lrs.update(parse_lr(text))
+    out = Path(args.out) if args.out else _default_out()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {str(out)!r} already exists and is not an empty folder; choose a new folder")
+    opts = Options(
+        variants=_names(args.variants, "--variants") if args.variants is not None else None,
+        steps=args.steps,
+        rank=args.rank,
+        targets=_names(args.targets, "--targets") if args.targets is not None else None,
+        seed=args.seed,
+        lr=lrs,
+        quick=args.quick,
+        model_path=args.model,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = run_bench(opts)
+    written = write_outputs(result, out)
+    print(table(result))
+    print()
+    print(summary(result))
+    print(f"results: {written}")
+    return 0
+
+
+def _variants() -> int:
+    import dataclasses
+
+    from .registry import variant, variants
+
+    for name in variants():
+        cls = variant(name)
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.config_class))
+        print(f"{name:10s} recommended_lr={cls.recommended_lr:g}  {fields}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    from .bench.backends import BenchError
+
+    parser = build_parser()
+    args: argparse.Namespace | None = None
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "variants":
+            return _variants()
+        return _bench(args)
+    except (UsageError, BenchError) as exc:
+        where = f"lorazoo {args.command}" if args is not None and args.command else "lorazoo"
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 2
+    except LorazooError as exc:
+        print(f"lorazoo: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lorazoo: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
