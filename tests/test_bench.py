@@ -18,6 +18,7 @@ import torch
 
 import lorazoo
 from lorazoo.bench import cache, data
+from lorazoo.bench.measure import Progress
 from lorazoo.bench.model import LlamaLike
 from lorazoo.bench.runner import QUICK, comparable_hyper
 from lorazoo.cli import main, parse_lr
@@ -323,3 +324,16 @@ def test_cache_location_and_unreadable_files(tmp_path, monkeypatch):
         and blob["meta"] == {"steps": 1}
     )
     assert [p.name for p in good.parent.iterdir()] == ["base-y.pt"]
+
+
+def test_plain_progress_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    stream = io.StringIO()
+    bar = Progress(20, stream=stream)
+    bar.describe("training lora")
+    for _ in range(20):
+        bar.update(1, "loss 1.0")
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("lorazoo bench") and "training lora" in lines[0]
+    assert "100.0%" in lines[-1] and len(lines) <= 12  # one line per tenth, not one per step

@@ -66,8 +66,8 @@ class Recipe:
     eval_windows: int = 64
     latency_windows: int = 8
     latency_repeats: int = 9
-    source_eval_bytes: int = 96 * 1024
-    target_eval_bytes: int = 48 * 1024
+    source_eval_bytes: int = 256 * 1024
+    target_eval_bytes: int = 64 * 1024
     source_train_cap: int | None = None
     target_train_cap: int | None = None
     lr_scale: float = 1.0  # applied to the default learning rates (not to explicit --lr values)
@@ -443,8 +443,10 @@ def run_bench(opts: Options) -> dict[str, Any]:
             recipe.source_train_cap,
             recipe.target_train_cap,
         )
-        if isinstance(backend, ByteBackend):
-            _check_injections(plan, lambda: backend.new_random(0))
+        # A wrong rank or target must fail now, not after pre-training.
+        _check_injections(
+            plan, (lambda: backend.new_random(0)) if isinstance(backend, ByteBackend) else backend.fresh
+        )
         streams: dict[str, dict[str, Windows]] = {}
         bpt: dict[str, float] = {}
         for dom in (source, target):
