@@ -169,15 +169,15 @@ def main() -> None:
             f"{name}: bytes held while merged {rep.bytes_per_element:.3f} per element ({form} "
             f"record), {rep.wide_elements} wide elements"
         )
-        # drift after all timed rounds (each merged and unmerged warmup + 3×repeats times)
+        # drift after every round: paired (1 warm-up + repeats), split (1 + repeats), the report
         exact = torch.equal(ours[0].weight.detach().view(torch.uint8), original.view(torch.uint8))
-        rounds = 1 + 2 * repeats
+        rounds = 2 * repeats + 3
         if peft_layer is not None:
             base = theirs[0].get_base_layer().weight.detach()
             delta = (base.float() - original.float()).abs()
             changed = (base != original).float().mean().item()
             pdrift = f"max {delta.max().item():.2e}, {100 * changed:.2f} % of elements changed"
-            rounds_p = 1 + 2 * repeats
+            rounds_p = 2 * repeats + 2
         else:
             pdrift, rounds_p = NOT_INSTALLED, 0
         drift_rows.append(

@@ -106,10 +106,13 @@ class _Work:
 def _undo_into(merged: Tensor, d: Tensor, g: Tensor | None, back_lp: Tensor | None) -> Tensor:
     """The arithmetic undo ``cast((W' − B·A) / g)`` of one chunk, shared by both directions.
 
-    ``d`` holds ``B·A`` on entry and is overwritten with the undo in the accumulation dtype;
-    ``back_lp`` (low-precision weights only) receives its cast. Returns the undo in the weight
-    dtype.
+    ``d`` holds ``B·A`` on entry. The undo is formed in the accumulation dtype; for a
+    low-precision weight it is cast into ``back_lp`` (in the same operation when there is no
+    row scale: the subtraction computes in fp32 and rounds once on the write). Returns the undo
+    in the weight dtype; ``d`` is clobbered.
     """
+    if back_lp is not None and g is None:
+        return torch.sub(merged, d, out=back_lp)
     torch.sub(merged, d, out=d)
     if g is not None:
         d.div_(g)
@@ -149,6 +152,8 @@ def _sparse_pays(dense: Tensor, pair_bytes: int) -> bool:
     share = float(torch.count_nonzero(sample)) / max(1, sample.numel())
     if share > 2.0 / pair_bytes:  # clearly dense: twice the break-even share
         return False
+    if share < 0.25 / pair_bytes:  # clearly sparse (the caller checks the real size)
+        return True
     return int(torch.count_nonzero(dense)) * pair_bytes < numel
 
 
@@ -205,15 +210,13 @@ def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) 
         d, m, m_lp, b_lp = buf.take(rows)
         torch.mm(B[start:stop], A, out=d)
         if gc is None:
-            torch.add(w, d, out=m)  # a low-precision w is widened exactly inside the add
+            # computed in the accumulation dtype (a low-precision w is widened exactly inside
+            # the add) and rounded once on the write
+            merged = torch.add(w, d, out=m if m_lp is None else m_lp)
         else:
             m.copy_(w)
             torch.addcmul(d, m, gc, out=m)
-        if m_lp is not None:
-            m_lp.copy_(m)
-            merged = m_lp
-        else:
-            merged = m
+            merged = m if m_lp is None else m_lp.copy_(m)
         back = _undo_into(merged, d, gc, b_lp)
         # bits(original) - bits(undo), wrapping in the native integer width; restoring adds it
         # back with the same wrap, so the round trip is exact even across sign changes.
@@ -239,9 +242,10 @@ def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) 
     )
     if _sparse_pays(dense, itype.itemsize + 1):
         nz = _nonzero_int8(dense)
-        res.index = nz.to(itype)
-        res.values = dense[nz]
-        res.dense = None
+        if nz.numel() * (itype.itemsize + 1) < numel:  # the sample can mislead; the size cannot
+            res.index = nz.to(itype)
+            res.values = dense[nz]
+            res.dense = None
     return res
 
 
