@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument("--variants", metavar="A,B,C", help="variants to run (default: every registered one)")
-    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 150; --quick: 25)")
+    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 150; --quick: 20)")
     b.add_argument(
         "--rank",
         type=_positive_int,
@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         "$LORAZOO_CACHE_DIR, else $XDG_CACHE_HOME/lorazoo, else ~/.cache/lorazoo)",
     )
     b.add_argument(
-        "--threads", type=_positive_int, help="torch threads (default: the CPUs this process may use)"
+        "--threads",
+        type=_positive_int,
+        help="torch threads (default: the CPUs this process may use, less those the load average shows busy)",
     )
     b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
