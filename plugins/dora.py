@@ -1,0 +1,375 @@
+"""DoRA (Liu et al., arXiv 2402.09353): weight-decomposed low-rank adaptation.
+
+Each output row of the adapted weight is split into a trainable magnitude ``m`` and a direction
+``W + s·B·A`` that LoRA's factors move::
+
+    W' = k ⊙_row (W + s·B·A),   k = m / n,   n = ‖W + s·B·A‖_row
+
+``m`` (``lora_magnitude_vector``, length ``d_out``) starts at ``n``, computed by the very routine
+the forward uses, so ``k`` is exactly 1 and the adapted model starts equal to the base bit for
+bit. Following the paper (§4.3) the norm ``n`` is a constant in backward by default
+(``detach_norm``): its value tracks ``B·A`` but carries no gradient, which saves memory and time.
+
+The unmerged contribution follows PEFT: ``(k − 1) ⊙ (W x) + k ⊙ (s·B·A·x)`` with ``W x`` taken
+from the base output minus the bias (the bias is not rescaled), or recomputed on the dropped
+input when dropout is active in training.
+
+Two things make it cheap:
+
+* **The row norm without ``B·A``.** ``n_i² = ‖W_i‖² + 2s·Σ_k B_ik (W Aᵀ)_ik +
+  s²·Σ_kl B_ik (A Aᵀ)_kl B_il`` needs ``O(d_out·r + r²)`` memory beside one pass over ``W``;
+  ``‖W_i‖²`` is cached per base weight. Rows where the identity would cancel badly (``W + s·B·A``
+  much shorter than ``W`` and ``s·B·A``) are recomputed densely. Tiny layers, where kernel
+  launches dominate, form ``W + s·B·A`` directly (:func:`norm_method`).
+* **Backward saves only what it needs.** :class:`_DoraContribution` computes the contribution
+  exactly as the plain formula does, but keeps the base output (in its storage dtype) and
+  the rank-``r`` intermediate instead of two fresh ``d_out``-wide fp32 activations, and forms
+  ``∂L/∂k`` from the ``Gᵀ·(A x)`` product the ``B`` gradient needs anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lorazoo
+
+if TYPE_CHECKING:
+    from lorazoo.engine.layer import AdaptedLinear
+
+# Rows whose squared norm is below this share of ‖W_i‖² + ‖s·(BA)_i‖² lose more than two bits
+# to cancellation in the identity; they are recomputed from W_i + s·(BA)_i.
+CANCEL = 0.25
+# Working set of one row chunk when a weight is read in pieces (fp32 bytes).
+CHUNK_BYTES = 4 << 20
+# Below this many weight elements forming W + s·B·A is faster than the identity's six kernels
+# (benchmarks/bench_dora.py, "norm" table).
+DENSE_MAX_NUMEL = 1 << 17
+
+
+@dataclass(frozen=True)
+class DoraConfig(lorazoo.VariantConfig):
+    """LoRA's ``r`` (default 8), ``alpha`` (default 8) and ``dropout``, plus:
+
+    * ``rslora``: scale ``α/√r`` instead of ``α/r`` (PEFT's ``use_rslora`` with ``use_dora``);
+    * ``detach_norm``: treat ``n = ‖W + s·B·A‖_row`` as a constant in backward (paper §4.3,
+      PEFT's behaviour; default True). False lets the gradient flow through ``n`` as well.
+    """
+
+    rslora: bool = False
+    detach_norm: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("rslora", "detach_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise lorazoo.ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The row norm
+# --------------------------------------------------------------------------------------------
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where norms are accumulated: fp64 for an fp64 weight, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(weight: Tensor, whole: bool = False) -> list[slice]:
+    """Row chunks of at most ``CHUNK_BYTES`` (as fp32) and, unless ``whole``, at most a quarter
+    of the rows, so a chunk's fp32 temporary is always smaller than the weight."""
+    d_out, d_in = weight.shape
+    step = max(1, min(d_out if whole else -(-d_out // 4), CHUNK_BYTES // (4 * max(1, d_in))))
+    return [slice(i, min(d_out, i + step)) for i in range(0, d_out, step)]
+
+
+def row_sq_norms(weight: Tensor) -> Tensor:
+    """``‖W_i‖²`` accumulated in fp32 (fp64 for fp64), reading a half-precision weight in row
+    chunks so no full-size fp32 copy exists at once."""
+    acc = acc_dtype(weight.dtype)
+    w = weight.detach()
+    return torch.cat([torch.linalg.vecdot(c, c, dim=1) for c in (w[s].to(acc) for s in _chunks(w))])
+
+
+def _weight_times_at(weight: Tensor, A: Tensor) -> Tensor:
+    """``W·Aᵀ`` (``d_out × r``) in ``A``'s dtype; a weight of another dtype is cast in chunks."""
+    w = weight.detach()
+    if w.dtype == A.dtype:
+        return w @ A.T
+    return torch.cat([w[s].to(A.dtype) @ A.T for s in _chunks(w)])
+
+
+def _dense_sq(weight: Tensor, A: Tensor, B: Tensor, scale: float, rows: Tensor | None = None) -> Tensor:
+    """``‖W_i + s·B_i·A‖²`` formed directly (for ``rows`` only, when given), in row chunks."""
+    w = weight.detach()
+    if rows is not None:
+        w, B = w[rows], B[rows]
+    out = []
+    for s in _chunks(w, whole=True):
+        v = w[s].to(A.dtype) + scale * (B[s] @ A)
+        out.append(torch.linalg.vecdot(v, v, dim=1))
+    return torch.cat(out) if out else A.new_zeros(0)
+
+
+def norm_method(d_out: int, d_in: int) -> str:
+    """``"dense"`` for layers so small that launching the identity's kernels costs more than
+    forming ``W + s·B·A``; ``"identity"`` otherwise (it never forms a ``d_out × d_in`` tensor)."""
+    return "dense" if d_out * d_in <= DENSE_MAX_NUMEL else "identity"
+
+
+def row_norms(
+    weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    wsq: Tensor | None = None,
+    method: str | None = None,
+) -> Tensor:
+    """``n = ‖W + s·B·A‖_row`` in fp32 (fp64 for an fp64 weight), differentiable in ``A`` and
+    ``B`` (call it under ``torch.no_grad()`` for the detached norm).
+
+    ``wsq`` is ``row_sq_norms(weight)`` when the caller has it cached. ``method`` forces
+    ``"identity"`` or ``"dense"``; by default :func:`norm_method` picks by shape.
+    """
+    acc = acc_dtype(weight.dtype)
+    A, B = A.to(acc), B.to(acc)
+    method = method or norm_method(*weight.shape)
+    if method == "dense":
+        n2 = _dense_sq(weight, A, B, scale)
+    elif method == "identity":
+        t1 = row_sq_norms(weight) if wsq is None else wsq
+        t2 = torch.linalg.vecdot(B, _weight_times_at(weight, A), dim=1)
+        t3 = torch.linalg.vecdot(B @ (A @ A.T), B, dim=1)
+        s2 = scale * scale
+        n2 = t1 + (2 * scale) * t2 + s2 * t3
+        # Guard the cancellation W_i ≈ −s·(BA)_i: there n² is a small difference of large terms
+        # (|2s·t2| ≤ t1 + s²·t3), so its absolute error, ~u·(t1 + s²·t3), would be a large
+        # relative one. Such rows are few; recomputing them densely is exact to rounding.
+        bad = n2 < CANCEL * (t1 + s2 * t3)
+        if bool(bad.any()):
+            rows = bad.nonzero().squeeze(1)
+            n2 = n2.index_put((rows,), _dense_sq(weight, A, B, scale, rows))
+    else:
+        raise lorazoo.ConfigError(f"norm method must be 'identity' or 'dense', got {method!r}")
+    # n² ≥ 0 in exact arithmetic; rows that are exactly zero keep a finite gradient (sqrt'(0)).
+    return torch.sqrt(torch.where(n2 > 0, n2, torch.zeros_like(n2)))
+
+
+def magnitude_scale(m: Tensor, n: Tensor) -> Tensor:
+    """``k = m / n`` in ``m``'s dtype, with ``k = 1`` on rows whose direction is zero (every
+    ``k`` gives the same output there; 1 keeps it finite and its gradient defined)."""
+    n = n.to(m.dtype)
+    ok = n > 0
+    return torch.where(ok, m / torch.where(ok, n, torch.ones_like(n)), torch.ones_like(m))
+
+
+# --------------------------------------------------------------------------------------------
+# The contribution and its backward
+# --------------------------------------------------------------------------------------------
+
+
+def _folded(B: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
+    """``(s·k) ⊙_row B`` and ``−(k − 1) ⊙ b``: the row scale and the bias correction folded into
+    the second low-rank product, so the contribution needs one elementwise pass."""
+    Bk = B * (k * scale).unsqueeze(1)
+    return Bk, (None if bias is None else -(k - 1) * bias.to(k.dtype))
+
+
+def contribution(
+    x: Tensor, A: Tensor, B: Tensor, k: Tensor, z_src: Tensor, bias: Tensor | None, scale: float
+) -> Tensor:
+    """``(k − 1) ⊙ (z_src − b) + k ⊙ (s·B·A·x)`` in the adapter dtype, evaluated as
+    ``((s·k) ⊙_row B)·(A·x) − (k − 1) ⊙ b + (k − 1) ⊙ z_src``: one matmul with a bias and one
+    fused multiply-add over the output, where the literal formula makes five passes (``z_src −
+    b``, two products, a sum, and LoRA's ``·s``). At ``k = 1`` and ``B = 0`` every term is an
+    exact zero. :class:`_DoraContribution` returns these values bit for bit."""
+    with torch.no_grad():
+        Bk, b = _folded(B.detach(), k.detach(), bias, scale)
+        out = F.linear(F.linear(x.detach(), A.detach()), Bk, b)
+        return out.addcmul_(z_src.detach(), (k.detach() - 1))
+
+
+class _DoraContribution(torch.autograd.Function):
+    """:func:`contribution` with a backward that keeps the base output in its storage dtype and
+    the ``r``-wide intermediate ``h = A·x``, rather than autograd's fp32 copies of ``W x`` and
+    ``s·B·A·x`` (two ``d_out``-wide activations per layer).
+
+    With ``G`` the output gradient (tokens × d_out) and ``P = Gᵀ·h`` (d_out × r):
+    ``∂B = s·k ⊙_row P``, ``∂h = G·((s·k) ⊙_row B)``, ``∂A = ∂hᵀ·x``, ``∂x = ∂h·A``,
+    ``∂k = Σ_t G ⊙ (z_src − b) + s·Σ_k B ⊙ P`` (the second term is ``Σ_t G ⊙ s·B·A·x``
+    without forming it), ``∂z_src = (k − 1) ⊙ G``, ``∂b = −(k − 1) ⊙ Σ_t G``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, A, B, k, z_src, bias, scale):  # type: ignore[override]
+        Bk, b = _folded(B, k, bias, scale)
+        h = F.linear(x, A)
+        out = F.linear(h, Bk, b).addcmul_(z_src, k - 1)
+        ctx.save_for_backward(x, A, B, k, z_src, bias, h)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        x, A, B, k, z_src, bias, h = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_a, need_b, need_k, need_z, need_bias = ctx.needs_input_grad[:6]
+        d_out, r = B.shape
+        g = grad.reshape(-1, d_out)
+        gx = ga = gb = gk = gz = gbias = None
+        p = g.T @ h.reshape(-1, r) if (need_b or need_k) else None
+        if need_b:
+            gb = (s * k).unsqueeze(1) * p
+        if need_x or need_a:
+            gh = g @ (B * (s * k).unsqueeze(1))
+            if need_a:
+                ga = gh.T @ x.reshape(-1, x.shape[-1])
+            if need_x:
+                gx = (gh @ A).reshape(x.shape)
+        g_sum = g.sum(0) if (bias is not None and (need_k or need_bias)) else None
+        if need_k:
+            gk = (g * z_src.reshape(-1, d_out)).sum(0) + s * torch.linalg.vecdot(B, p, dim=1)
+            if g_sum is not None:
+                gk = gk - g_sum * bias.to(gk.dtype)
+        if need_z:
+            gz = (grad * (k - 1)).to(z_src.dtype)
+        if need_bias:
+            gbias = (-(k - 1) * g_sum).to(bias.dtype)
+        return gx, ga, gb, gk, gz, gbias, None
+
+
+# --------------------------------------------------------------------------------------------
+# The variant
+# --------------------------------------------------------------------------------------------
+
+
+class DoRA(lorazoo.LowRankAdapter):
+    """LoRA's ``A`` and ``B`` plus a trainable magnitude ``m`` per output row; see the module
+    docstring for the math. Trainable parameters per layer: ``r·(d_in + d_out) + d_out``."""
+
+    name = "dora"
+    config_class = DoraConfig
+    # The paper trains DoRA with the learning rates it uses for LoRA at the same rank, and m's
+    # AdamW steps move each row's scale by about lr / ‖W_i‖ (‖W_i‖ is O(1) here), a fraction of
+    # a percent per step at 1e-3; so DoRA keeps LoRA's rate.
+    recommended_lr = 1e-3
+
+    def __init__(self, layer: lorazoo.LayerInfo, config: DoraConfig, shared: nn.Module | None = None):
+        super().__init__(layer, config, shared)
+        # (weakref to the weight, its identity and version, host state, ‖W_i‖²): see _wsq.
+        # slot -> (weakref to the base weight, key, objects the key names, value); see _base_key
+        self._cache: dict[str, tuple] = {}
+        with torch.no_grad():
+            n = self._norm(layer.weight)
+        # m = n from the routine the forward uses: k = m/n is exactly 1 at initialisation.
+        self.lora_magnitude_vector = nn.Parameter(n.to(layer.adapter_dtype).clone())
+
+    @property
+    def scale(self) -> float:
+        cfg = self.config
+        return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
+
+    @classmethod
+    def num_trainable(cls, d_in: int, d_out: int, config: lorazoo.VariantConfig) -> int:
+        return config.r * (d_in + d_out) + d_out
+
+    # ---- norms ----------------------------------------------------------------------------
+
+    def _base_key(self, weight: Tensor, host: AdaptedLinear) -> tuple:
+        """What identifies the contents of the host's base weight.
+
+        Its storage, version counter, dtype, device and layout, plus the host's base rewrites
+        and merge state: the engine writes merges and rewrites through ``weight.data``, which
+        does not move the version counter. Cache entries hold the objects named here (the
+        weight weakly), so no id or address in a live entry can be reused by another object.
+        """
+        return (
+            weight.data_ptr(),
+            weight._version,
+            weight.dtype,
+            weight.device,
+            tuple(weight.shape),
+            weight.stride(),
+            id(host.merged),
+            tuple(id(p) for p in host.patches),
+        )
+
+    def _cached(self, slot: str, key: tuple, weight: Tensor) -> Tensor | None:
+        entry = self._cache.get(slot)
+        if entry is not None and entry[0]() is weight and entry[1] == key:
+            return entry[3]
+        return None
+
+    def _store(self, slot: str, key: tuple, weight: Tensor, host: AdaptedLinear, value: Tensor) -> None:
+        self._cache[slot] = (weakref.ref(weight), key, (host.merged, tuple(host.patches)), value)
+
+    def _wsq(self, weight: Tensor, host: AdaptedLinear, base: tuple) -> Tensor:
+        """``‖W_i‖²`` of the host's base weight, computed once per weight version."""
+        wsq = self._cached("wsq", base, weight)
+        if wsq is None:
+            wsq = row_sq_norms(weight)
+            self._store("wsq", base, weight, host, wsq)
+        return wsq
+
+    def _detached_norm(self, weight: Tensor, host: AdaptedLinear) -> Tensor:
+        """``n`` without gradient, recomputed only when the base weight or a factor changed
+        (every optimizer step bumps the factors' version counters; inference reuses it)."""
+        base = self._base_key(weight, host)
+        A, B = self.lora_A, self.lora_B
+        key = (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
+        n = self._cached("norm", key, weight)
+        if n is None:
+            wsq = self._wsq(weight, host, base) if norm_method(*weight.shape) == "identity" else None
+            with torch.no_grad():
+                n = self._norm(weight, wsq)
+            self._store("norm", key, weight, host, n)
+        return n
+
+    def _norm(self, weight: Tensor, wsq: Tensor | None = None) -> Tensor:
+        return row_norms(weight, self.lora_A, self.lora_B, self.scale, wsq=wsq)
+
+    def row_scale(self, weight: Tensor) -> Tensor:
+        """``k = m / ‖W + s·B·A‖_row`` for ``weight``, without gradient."""
+        with torch.no_grad():
+            return magnitude_scale(self.lora_magnitude_vector, self._norm(weight))
+
+    # ---- the interface ------------------------------------------------------------------
+
+    def lowrank(self, weight: Tensor | None = None) -> lorazoo.LowRank:
+        c = None if weight is None else self.row_scale(weight)
+        return lorazoo.LowRank(self.lora_A, self.lora_B, self.scale, row_scale=c)
+
+    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+        weight = host.weight
+        A, B, m = self.lora_A, self.lora_B, self.lora_magnitude_vector
+        if self.config.detach_norm or not torch.is_grad_enabled():
+            n = self._detached_norm(weight, host)
+        else:
+            base = self._base_key(weight, host)
+            wsq = self._wsq(weight, host, base) if norm_method(*weight.shape) == "identity" else None
+            n = self._norm(weight, wsq)
+        k = magnitude_scale(m, n)
+        xa = x.to(A.dtype)
+        if self.training and self.config.dropout > 0:
+            # W·drop(x) is recomputed on the dropped input (PEFT and the authors' code).
+            xa = self.dropout(xa)
+            z_src, bias = F.linear(xa.to(weight.dtype), weight), None
+        else:
+            z_src, bias = base_out, host.bias
+        tensors = (xa, A, B, k, z_src) + ((bias,) if bias is not None else ())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _DoraContribution.apply(xa, A, B, k, z_src, bias, self.scale)
+        return contribution(xa, A, B, k, z_src, bias, self.scale)
+
+
+@lorazoo.hookimpl
+def lorazoo_variants() -> list[type[lorazoo.Variant]]:
+    return [DoRA]

@@ -1,0 +1,476 @@
+"""DoRA's own invariants (VARIANTS.md §6), beyond the conformance suite every variant passes.
+
+Tolerances follow §11: a norm of a row is compared within ``C·(ρ·u + γ_K(u))·M_i`` with
+``M_i = ‖ |W_i| + |s|·|B_i|·|A| ‖`` (the magnitudes entering it), outputs within
+``lorazoo.testing.merge_tolerance``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lorazoo_plugins import dora as D
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lorazoo
+from lorazoo.engine.inject import hosts, iter_adapters
+from lorazoo.testing import merge_tolerance, perturb, unit_roundoff
+from lorazoo.testing.tolerance import RHO, SAFETY
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+    return t.detach().contiguous().view(ints[t.element_size()])
+
+
+def norm_tolerance(w, A, B, scale, u: float) -> torch.Tensor:
+    """§11-style bound for a computed row norm of ``W + s·B·A``."""
+    m = (w.double().abs() + abs(scale) * (B.double().abs() @ A.double().abs())).norm(dim=1)
+    k = w.shape[1] + A.shape[0] + 1
+    return SAFETY * (RHO * u + k * u / (1 - k * u)) * m
+
+
+def dense_norm(w, A, B, scale) -> torch.Tensor:
+    return (w.double() + scale * (B.double() @ A.double())).norm(dim=1)
+
+
+def layer_model(d_in: int, d_out: int, dtype: torch.dtype, bias: bool = True, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_out, bias=bias, dtype=dtype))
+
+
+def dora_of(model: nn.Module) -> D.DoRA:
+    return next(iter_adapters(model))[2]
+
+
+@pytest.fixture(params=["identity", "dense"])
+def method(request, monkeypatch):
+    """Run a test with each norm method (the shape decides which one the forward uses)."""
+    monkeypatch.setattr(D, "DENSE_MAX_NUMEL", 0 if request.param == "identity" else 1 << 40)
+    return request.param
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+def test_config_scale_and_validation():
+    m = layer_model(12, 10, torch.float32)
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=4, alpha=8, rslora=True)
+    assert dora_of(m).scale == 8 / math.sqrt(4)
+    m2 = layer_model(12, 10, torch.float32)
+    lorazoo.inject(m2, "dora", targets=[nn.Linear], r=4, alpha=8)
+    assert dora_of(m2).scale == 2.0
+    with pytest.raises(lorazoo.ConfigError, match="detach_norm must be True or False"):
+        lorazoo.inject(layer_model(12, 10, torch.float32), "dora", targets=[nn.Linear], detach_norm=1)
+    with pytest.raises(lorazoo.ConfigError, match="rslora"):
+        lorazoo.inject(layer_model(12, 10, torch.float32), "dora", targets=[nn.Linear], rslora="yes")
+
+
+def test_trainable_count():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 6))
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=4)
+    expected = 4 * (20 + 30) + 30 + 4 * (30 + 6) + 6
+    assert lorazoo.trainable(m).trainable == expected
+    for _, _, a in iter_adapters(m):
+        assert a.lora_magnitude_vector.shape == (a.d_out,)
+        assert a.lora_magnitude_vector.requires_grad
+
+
+# ---- initialisation ------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_in=st.integers(1, 96),
+    d_out=st.integers(1, 96),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_magnitude_is_row_norm(d_in, d_out, dtype, seed):
+    m = layer_model(d_in, d_out, dtype, seed=seed)
+    w = m[0].weight.detach().clone()
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=1)
+    mag = dora_of(m).lora_magnitude_vector
+    assert mag.shape == (d_out,)
+    ref = torch.linalg.norm(w.double(), dim=1)
+    tau = norm_tolerance(w, torch.zeros(1, d_in), torch.zeros(d_out, 1), 0.0, unit_roundoff(mag.dtype))
+    assert bool(((mag.double() - ref).abs() <= tau).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 5), (384, 352)])
+def test_init_identity_bitwise(dtype, shape, method):
+    d_in, d_out = shape
+    m = layer_model(d_in, d_out, dtype)
+    x = torch.randn(2, 9, d_in).to(dtype)
+    m.eval()
+    with torch.no_grad():
+        base = m(x)
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=4, alpha=16)
+    a = dora_of(m)
+    host = next(iter(hosts(m)))[1]
+    n = a._detached_norm(host.weight, host)
+    assert torch.equal(_bits(a.lora_magnitude_vector), _bits(n.to(a.lora_magnitude_vector.dtype)))
+    for mode in ("eval", "train"):
+        getattr(m, mode)()
+        with torch.no_grad():
+            out = m(x)
+        assert torch.equal(_bits(out), _bits(base)), f"{mode}: output differs from the base at init"
+    m.train()
+    out = m(x)  # the autograd path
+    assert torch.equal(_bits(out.detach()), _bits(base))
+
+
+# ---- the norm ------------------------------------------------------------------------------
+
+
+@st.composite
+def norm_cases(draw):
+    d_in, d_out = draw(st.integers(1, 80)), draw(st.integers(1, 80))
+    r = draw(st.integers(1, min(16, d_in, d_out)))
+    dtype = draw(st.sampled_from(DTYPES))
+    scale = draw(st.sampled_from([0.25, 1.0, 2.0, 8.0]))
+    cancel = draw(st.floats(0.0, 1.0))  # share of rows where s·B·A ≈ −W
+    return d_in, d_out, r, dtype, scale, cancel, draw(st.integers(0, 2**16))
+
+
+def _norm_inputs(d_in, d_out, r, dtype, scale, cancel, seed):
+    g = torch.Generator().manual_seed(seed)
+    acc = D.acc_dtype(dtype)
+    A = torch.randn(r, d_in, generator=g, dtype=acc)
+    B = torch.randn(d_out, r, generator=g, dtype=acc)
+    w = torch.randn(d_out, d_in, generator=g, dtype=acc)
+    rows = torch.rand(d_out, generator=g) < cancel
+    # on those rows W = −s·B·A + a perturbation a thousandth of its size
+    w[rows] = -scale * (B[rows] @ A) + 1e-3 * w[rows]
+    return w.to(dtype), A, B
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=norm_cases())
+def test_efficient_norm_equals_dense(case):
+    d_in, d_out, r, dtype, scale, cancel, seed = case
+    w, A, B = _norm_inputs(*case)
+    u = unit_roundoff(D.acc_dtype(dtype))
+    tau = norm_tolerance(w, A, B, scale, u)
+    ref = dense_norm(w, A, B, scale)
+    for method in ("identity", "dense"):
+        got = D.row_norms(w, A, B, scale, method=method)
+        assert got.dtype == D.acc_dtype(dtype)
+        diff = (got.double() - ref).abs()
+        assert bool((diff <= tau).all()), f"{method}: |Δn| {float(diff.max()):.3g} > τ"
+
+
+def test_cancellation_guard_is_needed():
+    """Without the guard the identity loses every bit on a row where s·B·A ≈ −W."""
+    w, A, B = _norm_inputs(64, 32, 8, torch.float32, 2.0, 1.0, seed=3)
+    w[:, :] = (-2.0 * (B @ A) + 1e-4 * torch.randn(32, 64)).float()
+    ref = dense_norm(w, A, B, 2.0)
+    tau = norm_tolerance(w, A, B, 2.0, unit_roundoff(torch.float32))
+    guarded = D.row_norms(w, A, B, 2.0, method="identity")
+    assert bool(((guarded.double() - ref).abs() <= tau).all())
+    old = D.CANCEL
+    try:
+        D.CANCEL = 0.0
+        raw = D.row_norms(w, A, B, 2.0, method="identity")
+    finally:
+        D.CANCEL = old
+    assert float(((raw.double() - ref).abs() / ref).max()) > 1e-2
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an operator allocates (views of inputs excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_makes_no_full_size_temporary(dtype):
+    d_in, d_out = 352, 384  # above DENSE_MAX_NUMEL: the identity
+    assert D.norm_method(d_out, d_in) == "identity"
+    m = layer_model(d_in, d_out, dtype)
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=8, alpha=16)
+    perturb(m, 0)
+    x = torch.randn(3, 5, d_in).to(dtype)
+    m.train()
+    m(x).float().sum().backward()  # warms the ‖W_i‖² cache
+    a = dora_of(m)
+    with torch.no_grad():
+        a.lora_A.add_(0.01)  # as an optimizer step would: the norm must be recomputed
+    for grad in (True, False):
+        rec = _Shapes()
+        with torch.set_grad_enabled(grad), rec:
+            y = m(x)
+            if grad:
+                y.float().sum().backward()
+        assert rec.shapes, "nothing recorded"
+        big = [(f, s) for f, s in rec.shapes if math.prod(s) >= d_out * d_in]
+        assert not big, f"full-size temporaries: {big[:5]}"
+
+
+def test_norm_cache_follows_the_base_weight():
+    m = layer_model(400, 352, torch.float32)
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=4)
+    perturb(m, 1)
+    host = next(iter(hosts(m)))[1]
+    a = dora_of(m)
+    x = torch.randn(6, 400)
+    m.eval()
+
+    def reference() -> torch.Tensor:
+        w = host.weight.detach().double()
+        n = dense_norm(w, a.lora_A, a.lora_B, a.scale)
+        k = a.lora_magnitude_vector.double() / n
+        z = x.double() @ w.T
+        u = a.scale * (x.double() @ a.lora_A.double().T) @ a.lora_B.double().T
+        return z + host.bias.double() + (k - 1) * z + k * u
+
+    with torch.no_grad():
+        m(x)
+        host.weight.mul_(1.5)  # an ordinary in-place change: version counter moves
+        got = m(x)
+        assert torch.allclose(got.double(), reference(), rtol=1e-5, atol=1e-5)
+        # a base rewrite through weight.data (what the engine does) leaves the version alone
+        B0, A0 = torch.randn(352, 2), torch.randn(2, 400)
+        host.patch_base("rewrite", B0, A0)
+        got = m(x)
+        assert torch.allclose(got.double(), reference(), rtol=1e-5, atol=1e-5)
+        host.unpatch_base("rewrite")
+        assert torch.allclose(m(x).double(), reference(), rtol=1e-5, atol=1e-5)
+
+
+# ---- forward values and gradients ------------------------------------------------------------
+
+
+def _plain(x, A, B, k, z_src, bias, scale):
+    """The literal §6 formula, by autograd."""
+    z = z_src - bias if bias is not None else z_src
+    return (k - 1) * z + k * (scale * F.linear(F.linear(x, A), B))
+
+
+def test_custom_backward_is_the_gradient():
+    g = torch.Generator().manual_seed(0)
+    opts = {"dtype": torch.float64, "requires_grad": True}
+    x = torch.randn(2, 3, 7, generator=g, **opts)
+    A = torch.randn(3, 7, generator=g, **opts)
+    B = torch.randn(5, 3, generator=g, **opts)
+    k = (1 + 0.3 * torch.randn(5, generator=g, dtype=torch.float64)).requires_grad_()
+    z = torch.randn(2, 3, 5, generator=g, **opts)
+    b = torch.randn(5, generator=g, **opts)
+    fn = D._DoraContribution.apply
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, 1.7), (x, A, B, k, z, b))
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, None, 0.5), (x, A, B, k, z))
+    out = fn(x, A, B, k, z, b, 1.7)
+    with torch.no_grad():
+        assert torch.equal(out, D.contribution(x, A, B, k, z, b, 1.7))
+    assert torch.allclose(out, _plain(x, A, B, k, z, b, 1.7), rtol=1e-13, atol=1e-13)
+
+
+def _grads(model, x, gout):
+    for p in model.parameters():
+        p.grad = None
+    model(x).backward(gout)
+    a = dora_of(model)
+    return a.lora_A.grad.clone(), a.lora_B.grad.clone(), a.lora_magnitude_vector.grad.clone()
+
+
+def _reference_grads(model, x, gout, detach: bool):
+    """Gradients of the literal formula with n a constant tensor (detach) or a function of A, B."""
+    host = next(iter(hosts(model)))[1]
+    a = dora_of(model)
+    A = a.lora_A.detach().clone().requires_grad_()
+    B = a.lora_B.detach().clone().requires_grad_()
+    mag = a.lora_magnitude_vector.detach().clone().requires_grad_()
+    w, b = host.weight.detach(), host.bias.detach()
+    n = torch.linalg.norm(w + a.scale * (B @ A), dim=1)
+    if detach:
+        n = n.detach().clone()
+    k = mag / n
+    base = F.linear(x, w, b)
+    y = base + _plain(x, A, B, k, base, b, a.scale)
+    y.backward(gout)
+    return A.grad, B.grad, mag.grad
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (352, 384)])
+def test_detached_norm_gradient(shape, method):
+    d_in, d_out = shape
+    m = layer_model(d_in, d_out, torch.float64)
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=3, alpha=6)
+    perturb(m, 2)
+    m.train()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, d_in, generator=g, dtype=torch.float64)
+    gout = torch.randn(4, d_out, generator=g, dtype=torch.float64)
+    got = _grads(m, x, gout)
+    detached = _reference_grads(m, x, gout, detach=True)
+    attached = _reference_grads(m, x, gout, detach=False)
+    for name, a, ref in zip("ABm", got, detached, strict=True):
+        assert torch.allclose(a, ref, rtol=1e-10, atol=1e-12), f"∂{name} differs from the detached reference"
+    assert not torch.allclose(got[0], attached[0], rtol=1e-6, atol=1e-8), "∂A ignores the detach"
+    # detach_norm=False: the gradient through n as well
+    m2 = layer_model(d_in, d_out, torch.float64)
+    lorazoo.inject(m2, "dora", targets=[nn.Linear], r=3, alpha=6, detach_norm=False)
+    perturb(m2, 2)
+    m2.train()
+    got2 = _grads(m2, x, gout)
+    for name, a, ref in zip("ABm", got2, attached, strict=True):
+        assert torch.allclose(a, ref, rtol=1e-10, atol=1e-12), f"∂{name} differs from the attached reference"
+
+
+def test_saves_one_base_output_beyond_lora():
+    """What autograd keeps for backward: LoRA's inputs plus the base output in its own dtype."""
+
+    def saved(variant: str, dtype: torch.dtype) -> int:
+        m = layer_model(96, 80, dtype, bias=True)
+        lorazoo.inject(m, variant, targets=[nn.Linear], r=4)
+        m.train()
+        x = torch.randn(4, 32, 96).to(dtype).requires_grad_()
+        skip = {p.untyped_storage().data_ptr() for p in m.parameters()} | {x.untyped_storage().data_ptr()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x)
+        return sum(seen.values())
+
+    for dtype in (torch.float32, torch.bfloat16):
+        extra = saved("dora", dtype) - saved("lora", dtype)
+        base_out = 4 * 32 * 80 * torch.finfo(dtype).bits // 8
+        assert base_out <= extra <= base_out + 4 * 80 * 8, (dtype, extra, base_out)
+
+
+# ---- merge ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_property_after_merge(dtype, method):
+    m = layer_model(40, 24, dtype)
+    lorazoo.inject(m, "dora", targets=[nn.Linear], r=4, alpha=8)
+    perturb(m, 3)
+    a = dora_of(m)
+    host = next(iter(hosts(m)))[1]
+    w0 = host.weight.detach().clone()
+    lorazoo.merge(m)
+    row = torch.linalg.norm(host.weight.detach().double(), dim=1)
+    mag = a.lora_magnitude_vector.detach().double()
+    k = a.row_scale(w0).double()
+    # the merged elements are k·(W + s·B·A) rounded to the storage dtype
+    tau = k.abs() * norm_tolerance(w0, a.lora_A, a.lora_B, a.scale, unit_roundoff(dtype))
+    assert bool(((row - mag.abs()).abs() <= tau).all())
+    lorazoo.unmerge(m)
+    assert torch.equal(_bits(host.weight), _bits(w0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reduces_to_lora(dtype):
+    """With m := ‖W + s·B·A‖_row, DoRA's forward is LoRA's."""
+    base = layer_model(30, 20, dtype)
+    dora_m, lora_m = copy.deepcopy(base), copy.deepcopy(base)
+    lorazoo.inject(dora_m, "dora", targets=[nn.Linear], r=4, alpha=8)
+    lorazoo.inject(lora_m, "lora", targets=[nn.Linear], r=4, alpha=8)
+    perturb(dora_m, 4)
+    a, lo = dora_of(dora_m), dora_of(lora_m)
+    host = next(iter(hosts(dora_m)))[1]
+    with torch.no_grad():
+        lo.lora_A.copy_(a.lora_A)
+        lo.lora_B.copy_(a.lora_B)
+        a.lora_magnitude_vector.copy_(dense_norm(host.weight, a.lora_A, a.lora_B, a.scale))
+    x = torch.randn(5, 30, dtype=dtype)
+    dora_m.eval(), lora_m.eval()
+    with torch.no_grad():
+        yd, yl = dora_m(x), lora_m(x)
+        tau = merge_tolerance(x, host.weight, host.bias, [a.lowrank(host.weight)])
+    assert float((yd - yl).abs().max()) > 0 or dtype == torch.float64
+    assert bool(((yd.double() - yl.double()).abs() <= tau).all())
+
+
+@pytest.mark.parametrize("order", [("dora", "lora"), ("lora", "dora")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_lora_and_dora_on_one_layer(order, dtype):
+    m = layer_model(48, 40, dtype)
+    for i, variant in enumerate(order):
+        lorazoo.inject(m, variant, targets=[nn.Linear], r=4, alpha=8, name=f"a{i}")
+    perturb(m, 5)
+    host = next(iter(hosts(m)))[1]
+    w0 = host.weight.detach().clone()
+    x = torch.randn(2, 7, 48).to(dtype)
+    m.eval()
+    lowranks = [host.adapters[n].lowrank(w0) for n in ("a0", "a1")]
+    with torch.no_grad():
+        unmerged = m(x)
+        lorazoo.merge(m)
+        merged = m(x)
+    tau = merge_tolerance(x, w0, host.bias, lowranks, dtype)
+    assert bool(((merged.double() - unmerged.double()).abs() <= tau).all())
+    # in fp64 the sum is exact to rounding: compare with the literal formula
+    if dtype == torch.float64:
+        d = host.adapters["a0" if order[0] == "dora" else "a1"]
+        lo = host.adapters["a1" if order[0] == "dora" else "a0"]
+        n = dense_norm(w0, d.lora_A, d.lora_B, d.scale)
+        k = d.lora_magnitude_vector / n
+        z = x @ w0.T
+        ref = z + host.bias + (k - 1) * z + k * (d.scale * (x @ d.lora_A.T) @ d.lora_B.T)
+        ref = ref + lo.scale * (x @ lo.lora_A.T) @ lo.lora_B.T
+        assert torch.allclose(unmerged, ref, rtol=1e-12, atol=1e-12)
+    lorazoo.unmerge(m)
+    assert torch.equal(_bits(host.weight), _bits(w0))
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(dtype):
+    base = layer_model(33, 21, dtype)
+    fresh = copy.deepcopy(base)
+    lorazoo.inject(base, "dora", targets=[nn.Linear], r=4, alpha=8, rslora=True)
+    perturb(base, 6)
+    x = torch.randn(3, 33).to(dtype)
+    base.eval()
+    with torch.no_grad():
+        y = base(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dora.safetensors"
+        lorazoo.save(base, path)
+        lorazoo.load(fresh, path)
+    a, b = dora_of(base), dora_of(fresh)
+    assert b.config.rslora and b.config.detach_norm
+    for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        t1, t2 = getattr(a, name), getattr(b, name)
+        assert t1.dtype == t2.dtype and torch.equal(_bits(t1), _bits(t2)), name
+    assert not torch.equal(a.lora_magnitude_vector, a.row_scale(next(iter(hosts(base)))[1].weight))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(_bits(fresh(x)), _bits(y))
