@@ -21,10 +21,12 @@ Two things make it cheap:
   ``‖W_i‖²`` is cached per base weight. Rows where the identity would cancel badly (``W + s·B·A``
   much shorter than ``W`` and ``s·B·A``) are recomputed densely. Tiny layers, where kernel
   launches dominate, form ``W + s·B·A`` directly (:func:`norm_method`).
-* **Backward saves only what it needs.** :class:`_DoraContribution` computes the contribution
-  exactly as the plain formula does, but keeps the base output (in its storage dtype) and
-  the rank-``r`` intermediate instead of two fresh ``d_out``-wide fp32 activations, and forms
-  ``∂L/∂k`` from the ``Gᵀ·(A x)`` product the ``B`` gradient needs anyway.
+* **Few passes, and backward saves only what it needs.** :func:`contribution` folds ``s·k`` and
+  the bias correction into the second low-rank product, leaving one elementwise pass over the
+  output. :class:`_DoraContribution` returns the same values bit for bit but keeps only the
+  base output (in its storage dtype) and the rank-``r`` intermediate, instead of autograd's two
+  fresh ``d_out``-wide fp32 activations, and forms ``∂L/∂k`` from the ``Gᵀ·(A x)`` product
+  the ``B`` gradient needs anyway.
 """
 
 from __future__ import annotations
