@@ -4,11 +4,13 @@ Peak memory on CPU is the process's resident-set high-water mark (``VmHWM`` in
 ``/proc/self/status``), reset to the current resident size before each run by writing ``5`` to
 ``/proc/self/clear_refs``; the figure reported is the high-water mark minus the resident size at
 the start of the run, i.e. what the run added at its peak, measured in the bench's own process.
-For the resident size to follow tensor memory, glibc must hand freed tensors back to the kernel
-rather than keep them for reuse (then a later run would reuse an earlier run's pages and read
-close to zero), so :func:`pin_malloc` fixes malloc's mmap threshold at 64 KiB: every larger block
-is mapped and unmapped on its own. Small blocks stay in the heap, so figures carry a few hundred
-KiB of noise. Where ``/proc`` is not writable the peak is reported as ``None``. On CUDA it is
+For the resident size to follow tensor memory, the pages an earlier run freed must not be
+reused silently (a later run would then read close to zero), so :func:`trim_malloc` hands the C
+heap's free pages back to the kernel just before the reset (glibc ``malloc_trim(0)``): the run
+must fault in every page it uses, and large blocks, which glibc maps on their own, are unmapped
+on free anyway. This costs one call per run; pinning malloc's mmap threshold instead would make
+every allocation a system call and doubled the bench's CPU time in a trial. Where ``/proc`` is
+not writable the peak is reported as ``None``. On CUDA it is
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocation at
 the start.
 """
@@ -27,25 +29,18 @@ from typing import IO, Any
 
 import torch
 
-_M_MMAP_THRESHOLD = -3  # the mallopt parameter number in glibc's malloc.h
-_pinned = False
 
-
-def pin_malloc() -> bool:
-    """Make glibc return every block of 64 KiB or more to the kernel when freed (once per
-    process). Returns False where the C library is not glibc or refuses."""
-    global _pinned
-    if _pinned:
-        return True
+def trim_malloc() -> bool:
+    """Return the C heap's free pages to the kernel (glibc ``malloc_trim(0)``), so the resident
+    size drops to what is live. Returns False where the C library has no such call."""
     name = ctypes.util.find_library("c")
     if not name:
         return False
     try:
-        ok = bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, 1 << 16))
+        ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError):
         return False
-    _pinned = ok
-    return ok
+    return True
 
 
 def _status_kib(field: str) -> int | None:
@@ -76,15 +71,15 @@ class PeakMemory:
             self.method = "torch.cuda.max_memory_allocated minus the allocation at start"
             return self
         self._start = None
+        trim_malloc()  # freed heap pages go back to the kernel: the run must fault in its own
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             self.method = "unavailable (/proc/self/clear_refs not writable)"
             return self
         self._start = _status_kib("VmRSS")
-        pinned = pin_malloc()
-        self.method = "VmHWM after /proc/self/clear_refs=5, minus VmRSS at start (in process" + (
-            ", malloc mmap threshold 64 KiB)" if pinned else "; glibc heap reuse not prevented)"
+        self.method = (
+            "VmHWM after malloc_trim(0) and /proc/self/clear_refs=5, minus VmRSS at start (in process)"
         )
         return self
 

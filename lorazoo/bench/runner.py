@@ -34,7 +34,7 @@ from ..variant import Variant, VariantConfig
 from . import cache
 from .backends import BenchError, ByteBackend, HFBackend, bits_per_byte, next_token_loss
 from .data import load_domains
-from .measure import PeakMemory, Progress, paired_ratio, pin_malloc, sync
+from .measure import PeakMemory, Progress, paired_ratio, sync
 from .model import LlamaConfig
 
 BASELINES = ("base", "full")
@@ -425,8 +425,6 @@ def run_bench(opts: Options) -> dict[str, Any]:
     recipe = plan.recipe
     device = plan.device
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    if device.type == "cpu":
-        pin_malloc()  # so each run's peak resident size is its own (see lorazoo.bench.measure)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(plan.threads)
     try:
