@@ -7,9 +7,10 @@ gradient. With the base frozen the backward skips every weight gradient, so a Lo
 about (1 forward + 1 input-gradient) / (1 forward + 2 backward products) ≈ 0.67 of a full step.
 
 Time: interleaved steps (full, lorazoo variants, PEFT), ratio per pair to the full step in the
-same round, median [interquartile range]. Memory: the peak above the starting level during one
+same round, median [interquartile range]. Memory, in a separate process (CPU peaks need
+malloc set up in a way that slows every allocation): the peak above the starting level during one
 step (``benchmarks/_memory.py``: CUDA's counter, or the resident-set high-water mark on CPU) and
-the bytes autograd saves for backward (exact), each measured alone after the timed rounds.
+the bytes autograd saves for backward (exact).
 
     python benchmarks/bench_train.py [--quick] [--threads 1] [--vocab 32000]
 """
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 
 import torch
@@ -61,12 +65,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     set_threads(args.threads)
-    # peak_bytes on CPU reads the resident-set high-water mark; it follows tensor memory only
-    # once malloc's mmap threshold is pinned, which its first call does: do it before any
-    # allocation, or later steps reuse heap pages and read low.
-    peak_bytes(lambda: None)
+    if args.memory_only:
+        # peak_bytes on CPU reads the resident-set high-water mark; it follows tensor memory
+        # only once malloc's mmap threshold is pinned (its first call does it), and it must be
+        # pinned before any allocation. Pinned, every large allocation is a system call, which
+        # would slow the timed steps: so memory is measured in a separate process.
+        peak_bytes(lambda: None)
     if args.quick:
         cfg = LlamaConfig(**{**LLAMA_SMALL.to_dict(), "num_layers": 2, "vocab_size": 2048})
         batch, repeats = (2, 65), args.repeats or 3
@@ -121,18 +128,27 @@ def main() -> None:
             models[f"PEFT {name}"] = m
     for m in models.values():
         m.train()
+    if args.memory_only:
+        mem = {}
+        for key, model in models.items():
+            steps[key]()  # optimizer state exists before the measured step, as in training
+            peak = peak_bytes(steps[key])
+            saved = saved_bytes(lambda model=model: model.loss(ids), exclude=model.parameters())
+            model.zero_grad()
+            mem[key] = [peak, saved]
+        print("MEMORY " + json.dumps(mem))
+        return
     samples = paired(steps, repeats=repeats, warmup=1)
+    argv = [sys.executable, *sys.argv, "--memory-only"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True)
+    mem = json.loads(proc.stdout.split("MEMORY ", 1)[1])
     rows = []
     for key in steps:
         cpu = [x / y for x, y in zip(samples[key]["cpu"], samples["full"]["cpu"], strict=True)]
         wall = [x / y for x, y in zip(samples[key]["wall"], samples["full"]["wall"], strict=True)]
         c, w = stats(cpu), stats(wall)
         fl = stats([x / y for x, y in zip(samples[key]["cpu"], samples[FLOOR]["cpu"], strict=True)])
-        model = models[key]
-        peak = peak_bytes(steps[key])
-        saved = saved_bytes(lambda model=model: model.loss(ids), exclude=model.parameters())
-        if key.startswith("floor"):
-            model.zero_grad()
+        peak, saved = mem[key]
         step_s = stats(samples[key]["cpu"]).median
         target = verdict(c, 0.70) if key == "lorazoo lora" else ""
         rows.append([key, f"{step_s:.2f}", fmt(c), fmt(w), fmt(fl), mib(peak), mib(saved), target])
