@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument("--variants", metavar="A,B,C", help="variants to run (default: every registered one)")
-    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 150; --quick: 20)")
+    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 120; --quick: 20)")
     b.add_argument(
         "--rank",
         type=_positive_int,

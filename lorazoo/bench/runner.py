@@ -81,7 +81,7 @@ class Recipe:
 
 
 DEFAULT = Recipe(
-    model=BENCH_MODEL, seq_len=128, batch=16, pretrain_steps=1000, pretrain_lr=3e-3, steps=150, rank=8, seed=0
+    model=BENCH_MODEL, seq_len=128, batch=16, pretrain_steps=1000, pretrain_lr=3e-3, steps=120, rank=8, seed=0
 )
 QUICK = Recipe(
     model=QUICK_MODEL,
