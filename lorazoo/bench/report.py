@@ -185,9 +185,12 @@ def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
     except ImportError:
         return False, "No figure: matplotlib is not installed (pip install 'lorazoo[bench]')."
     runs = result["runs"]
+    # One colour per run in both panels, so a point and its loss curve read as the same run.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {x["name"]: palette[i % len(palette)] for i, x in enumerate(runs)}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for x in runs:
-        ax1.scatter(x["forgot_bpb"], x["learned_bpb"], s=40)
+        ax1.scatter(x["forgot_bpb"], x["learned_bpb"], s=40, color=colour[x["name"]])
         ax1.annotate(
             x["name"], (x["forgot_bpb"], x["learned_bpb"]), textcoords="offset points", xytext=(4, 4)
         )
@@ -201,7 +204,8 @@ def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
         if curve:
             k = max(1, len(curve) // 50)
             smooth = [sum(curve[i : i + k]) / len(curve[i : i + k]) for i in range(0, len(curve), k)]
-            ax2.plot([i * k for i in range(len(smooth))], smooth, label=x["name"])
+            steps = [i * k for i in range(len(smooth))]
+            ax2.plot(steps, smooth, label=x["name"], color=colour[x["name"]])
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss (nats/token)")
     ax2.set_title("target-domain training loss")
