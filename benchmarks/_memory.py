@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lorazoo.bench.measure import PeakMemory
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 _pinned = False
@@ -46,46 +46,19 @@ def _pin_malloc() -> None:
         pass
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int | None:
-    """Peak memory in use during ``fn()`` above the level at its start, in bytes."""
+    """Peak memory in use during ``fn()`` above the level at its start, in bytes.
+
+    The measurement is ``lorazoo bench``'s (:class:`lorazoo.bench.measure.PeakMemory`); on CPU
+    the malloc pin above is added, which makes the figure follow tensor memory closely at the
+    price of slower allocations (so time in another process than the one that measures).
+    """
     dev = torch.device(device)
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        start = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    if dev.type == "cpu":
+        _pin_malloc()
+    with PeakMemory(dev) as peak:
         fn()
-        torch.cuda.synchronize(dev)
-        return torch.cuda.max_memory_allocated(dev) - start
-    _pin_malloc()
-    rss = _status_kib("VmRSS")
-    if rss is None or not _reset_hwm():
-        fn()
-        return None
-    rss = _status_kib("VmRSS")
-    fn()
-    hwm = _status_kib("VmHWM")
-    assert rss is not None and hwm is not None
-    return max(0, hwm - rss) * 1024
+    return peak.bytes
 
 
 def saved_bytes(fn: Callable[[], object], exclude: Iterable[Tensor] = ()) -> int:
