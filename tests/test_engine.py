@@ -361,3 +361,37 @@ def test_merge_report_counts_bytes():
     assert 0 < rep.bytes_held
     lorazoo.unmerge(model)
     assert lorazoo.merge_report(model).bytes_held == 0
+
+
+def test_engine_writes_move_the_weight_version():
+    """Merge, unmerge and base rewrites change the weight in place, so its version counter moves
+    as for any in-place change: a cache keyed on it is invalidated, and a backward through a graph
+    that saw the old weight refuses instead of using the wrong values."""
+    model = nn.Sequential(nn.Linear(6, 5))
+    lorazoo.inject(model, "lora", targets=["0"], r=2)
+    host = model[0]
+    with torch.no_grad():
+        host.adapters["default"].lora_B.normal_()
+    versions = [host.weight._version]
+    model.eval()
+    lorazoo.merge(model)
+    versions.append(host.weight._version)
+    lorazoo.unmerge(model)
+    versions.append(host.weight._version)
+    assert versions[0] < versions[1] < versions[2]
+    host.patch_base("default", torch.ones(5, 1), torch.ones(1, 6))
+    versions.append(host.weight._version)
+    host.unpatch_base("default")
+    versions.append(host.weight._version)
+    assert versions[2] < versions[3] < versions[4]
+
+    # A graph that saved the pre-merge weight (the input needs a gradient) cannot be run backward
+    # after the weight was rewritten underneath it.
+    x = torch.randn(3, 6, requires_grad=True)
+    model.train()
+    loss = model(x).sum()
+    model.eval()
+    lorazoo.merge(model)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    lorazoo.unmerge(model)

@@ -222,6 +222,7 @@ class AdaptedLinear(nn.Module):
             raise MergeError("nothing to merge")
         B, A, g, scales = self._factors(names, None)
         residual = apply_update(self.weight.data, B, A, g)
+        self._wrote_weight()
         self.merged = MergeState(
             names=names,
             row_scales=scales,
@@ -265,8 +266,15 @@ class AdaptedLinear(nn.Module):
         changed = self._changed_while_merged()
         B, A, g, _ = self._factors(state.names, state.row_scales)
         revert_update(self.weight.data, B, A, g, None if changed else state.residual)
+        self._wrote_weight()
         self.merged = None
         self._refresh()
+
+    def _wrote_weight(self) -> None:
+        """Writes through ``weight.data`` do not move the weight's version counter; move it, so
+        anything keyed on the version (a variant's cache, autograd's check that a tensor saved
+        for backward is unchanged) sees merges and base rewrites like any in-place change."""
+        torch.autograd.graph.increment_version(self.weight)
 
     # ---- base rewrites (variant.prepare_base) -------------------------------------------------
 
@@ -280,6 +288,7 @@ class AdaptedLinear(nn.Module):
         A = A.detach().to(acc).clone()
         g = row_scale.detach().to(acc).clone() if row_scale is not None else None
         residual = apply_update(self.weight.data, B, A, g)
+        self._wrote_weight()
         self.patches.append(BasePatch(owner, B, A, g, residual))
 
     def _patch_tail(self, owner: str) -> int:
@@ -302,6 +311,8 @@ class AdaptedLinear(nn.Module):
         tail = self._patch_tail(owner)
         for p in reversed(self.patches[tail:]):
             revert_update(self.weight.data, p.B, p.A, p.row_scale, p.residual)
+        if tail < len(self.patches):
+            self._wrote_weight()
         del self.patches[tail:]
 
     def extra_repr(self) -> str:
