@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorazoo
+from lorazoo.engine.exact import acc_dtype  # norms accumulate where merges do
 
 if TYPE_CHECKING:
     from lorazoo.engine.layer import AdaptedLinear
@@ -78,11 +79,6 @@ class DoraConfig(lorazoo.VariantConfig):
 # --------------------------------------------------------------------------------------------
 # The row norm
 # --------------------------------------------------------------------------------------------
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where norms are accumulated: fp64 for an fp64 weight, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(weight: Tensor, whole: bool = False) -> list[slice]:
@@ -266,8 +262,7 @@ class DoRA(lorazoo.LowRankAdapter):
 
     def __init__(self, layer: lorazoo.LayerInfo, config: DoraConfig, shared: nn.Module | None = None):
         super().__init__(layer, config, shared)
-        # (weakref to the weight, its identity and version, host state, ‖W_i‖²): see _wsq.
-        # slot -> (weakref to the base weight, key, objects the key names, value); see _base_key
+        # slot -> (weakref to the base weight, key, value); see _base_key
         self._cache: dict[str, tuple] = {}
         with torch.no_grad():
             n = self._norm(layer.weight)
@@ -285,14 +280,11 @@ class DoRA(lorazoo.LowRankAdapter):
 
     # ---- norms ----------------------------------------------------------------------------
 
-    def _base_key(self, weight: Tensor, host: AdaptedLinear) -> tuple:
-        """What identifies the contents of the host's base weight.
-
-        Its storage, version counter, dtype, device and layout, plus the host's base rewrites
-        and merge state: the engine writes merges and rewrites through ``weight.data``, which
-        does not move the version counter. Cache entries hold the objects named here (the
-        weight weakly), so no id or address in a live entry can be reused by another object.
-        """
+    def _base_key(self, weight: Tensor) -> tuple:
+        """What identifies the contents of the host's base weight: its storage, version counter
+        (which every in-place change moves, the engine's merges and base rewrites included),
+        dtype, device and layout. The entry holds the weight weakly and checks it is the same
+        object, so a freed weight's address cannot be mistaken for a live one."""
         return (
             weight.data_ptr(),
             weight._version,
@@ -300,39 +292,37 @@ class DoRA(lorazoo.LowRankAdapter):
             weight.device,
             tuple(weight.shape),
             weight.stride(),
-            id(host.merged),
-            tuple(id(p) for p in host.patches),
         )
 
     def _cached(self, slot: str, key: tuple, weight: Tensor) -> Tensor | None:
         entry = self._cache.get(slot)
         if entry is not None and entry[0]() is weight and entry[1] == key:
-            return entry[3]
+            return entry[2]
         return None
 
-    def _store(self, slot: str, key: tuple, weight: Tensor, host: AdaptedLinear, value: Tensor) -> None:
-        self._cache[slot] = (weakref.ref(weight), key, (host.merged, tuple(host.patches)), value)
+    def _store(self, slot: str, key: tuple, weight: Tensor, value: Tensor) -> None:
+        self._cache[slot] = (weakref.ref(weight), key, value)
 
-    def _wsq(self, weight: Tensor, host: AdaptedLinear, base: tuple) -> Tensor:
+    def _wsq(self, weight: Tensor, base: tuple) -> Tensor:
         """``‖W_i‖²`` of the host's base weight, computed once per weight version."""
         wsq = self._cached("wsq", base, weight)
         if wsq is None:
             wsq = row_sq_norms(weight)
-            self._store("wsq", base, weight, host, wsq)
+            self._store("wsq", base, weight, wsq)
         return wsq
 
-    def _detached_norm(self, weight: Tensor, host: AdaptedLinear) -> Tensor:
+    def _detached_norm(self, weight: Tensor) -> Tensor:
         """``n`` without gradient, recomputed only when the base weight or a factor changed
         (every optimizer step bumps the factors' version counters; inference reuses it)."""
-        base = self._base_key(weight, host)
+        base = self._base_key(weight)
         A, B = self.lora_A, self.lora_B
         key = (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
         n = self._cached("norm", key, weight)
         if n is None:
-            wsq = self._wsq(weight, host, base) if norm_method(*weight.shape) == "identity" else None
+            wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None
             with torch.no_grad():
                 n = self._norm(weight, wsq)
-            self._store("norm", key, weight, host, n)
+            self._store("norm", key, weight, n)
         return n
 
     def _norm(self, weight: Tensor, wsq: Tensor | None = None) -> Tensor:
@@ -353,10 +343,10 @@ class DoRA(lorazoo.LowRankAdapter):
         weight = host.weight
         A, B, m = self.lora_A, self.lora_B, self.lora_magnitude_vector
         if self.config.detach_norm or not torch.is_grad_enabled():
-            n = self._detached_norm(weight, host)
+            n = self._detached_norm(weight)
         else:
-            base = self._base_key(weight, host)
-            wsq = self._wsq(weight, host, base) if norm_method(*weight.shape) == "identity" else None
+            base = self._base_key(weight)
+            wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None
             n = self._norm(weight, wsq)
         k = magnitude_scale(m, n)
         xa = x.to(A.dtype)
