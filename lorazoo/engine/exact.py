@@ -223,11 +223,9 @@ def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) 
         diff = back.view(ibits)
         torch.sub(w.view(ibits), diff, out=diff)
         lo_bits, hi_bits = torch.aminmax(diff)
-        chunk = dense[start * d_in : stop * d_in].view(rows, d_in)
-        if int(lo_bits) >= -128 and int(hi_bits) <= 127:
-            chunk.copy_(diff)
-        else:  # some originals are lost in W' (|W| ≪ |ΔW|): keep their bits
-            chunk.copy_(diff)  # the wide positions' entries are overwritten on revert anyway
+        # entries outside int8 wrap here; their positions are overwritten on revert anyway
+        dense[start * d_in : stop * d_in].view(rows, d_in).copy_(diff)
+        if int(lo_bits) < -128 or int(hi_bits) > 127:  # originals lost in W' (|W| ≪ |ΔW|): keep their bits
             idx = _out_of_int8(diff)
             wide_index.append((idx + start * d_in).to(itype))
             wide_bits.append(w.view(ibits).reshape(-1)[idx].clone())
