@@ -200,6 +200,19 @@ class Variant(nn.Module, ABC):
     def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
         """The contribution ``c_a(x)`` this adapter adds to the base output (unmerged path)."""
 
+    def output(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+        """The layer's whole unmerged output, ``base_out + c_a(x)``.
+
+        The engine calls this instead of :meth:`forward` when this adapter is the only one the
+        layer runs (active and unmerged). ``base_out`` is then the layer's own fresh output,
+        referenced by nothing else: an override may write into it in place and keep the result
+        for backward (an autograd ``Function`` marks it dirty), which lets a variant share
+        storage with whatever the next operation saves. The default adds :meth:`forward`'s
+        contribution; overriding is only worth it for a variant whose contribution depends on
+        ``base_out`` (DoRA).
+        """
+        return base_out + self(x, base_out, host).to(base_out.dtype)
+
     @classmethod
     @abstractmethod
     def num_trainable(cls, d_in: int, d_out: int, config: VariantConfig) -> int:

@@ -244,6 +244,94 @@ class _DoraContribution(torch.autograd.Function):
         return gx, ga, gb, gk, gz, gbias, None
 
 
+def recoverable(k: Tensor, bias: Tensor | None) -> bool:
+    """Whether backward may recover ``u = W x + s·B·A·x`` from the output as ``(y − b)/k``
+    without losing accuracy: every ``k`` finite and non-zero, and, with a bias (whose rounding
+    in ``y`` the division magnifies by ``1/|k|``), ``|k| ≥ 1/2``. ``k`` starts at exactly 1 and
+    stays near it in training; a layer outside this range keeps ``W x`` for backward instead."""
+    a = k.abs()
+    ok = torch.isfinite(a) & ((a >= 0.5) if bias is not None else (a > 0))
+    return bool(ok.all())
+
+
+def finish_output(
+    x: Tensor, A: Tensor, B: Tensor, k: Tensor, y: Tensor, bias: Tensor | None, scale: float
+) -> Tensor:
+    """Turn the base output ``y = W x + b`` into DoRA's output ``k ⊙ (W x + s·B·A·x) + b`` in
+    place, and return ``h = A·x``.
+
+    When ``y`` is contiguous and shares the adapter dtype: ``y ← k ⊙ y``, then
+    ``y += h·((s·k) ⊙_row B)ᵀ`` accumulated by the matmul itself, and with a bias
+    ``y += (1 − k) ⊙ b``: one elementwise pass over the output beside the two rank-``r``
+    products, and no output-sized temporary. Otherwise (a half-precision base with fp32
+    adapters) the contribution is formed in the adapter dtype by :func:`contribution`'s
+    operations and added in ``y``'s dtype, bit for bit what the general path gives. At ``k = 1``
+    and ``B = 0`` every added term is an exact zero."""
+    d_out, r = B.shape
+    xa = x.to(A.dtype)
+    h = F.linear(xa, A)
+    Bk = B * (k * scale).unsqueeze(1)
+    if y.dtype == A.dtype and y.is_contiguous():
+        y.mul_(k)
+        y.view(-1, d_out).addmm_(h.reshape(-1, r), Bk.T)
+        if bias is not None:
+            y.add_((1 - k) * bias.to(k.dtype))
+    else:
+        b = None if bias is None else -(k - 1) * bias.to(k.dtype)
+        y.add_(F.linear(h, Bk, b).addcmul_(y, k - 1).to(y.dtype))
+    return h
+
+
+class _DoraOutput(torch.autograd.Function):
+    """:func:`finish_output` with a backward that keeps the layer's output ``y`` itself (in place
+    of the base output), the input and ``h = A·x``. The operation after the layer often saves
+    ``y`` anyway (attention saves its values, SwiGLU both of its inputs), and then the two share
+    one tensor: where they do, DoRA costs LoRA's activation memory.
+
+    With ``G`` the output gradient, ``u = (y − b)/k`` (``W x + s·B·A·x``) and ``P = Gᵀ·h``:
+    ``∂z = k ⊙ G`` (to the base output), ``∂k = Σ_t G ⊙ u = (Σ_t G ⊙ y − b ⊙ Σ_t G)/k``,
+    ``∂B = s·k ⊙_row P``, ``∂h = G·((s·k) ⊙_row B)``, ``∂A = ∂hᵀ·x``, ``∂x = ∂h·A``,
+    ``∂b = (1 − k) ⊙ Σ_t G`` (the rest of ``b``'s gradient reaches it through ``z``).
+    Callers check :func:`recoverable` first.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, A, B, k, z, bias, scale):  # type: ignore[override]
+        h = finish_output(x, A, B, k, z, bias, scale)
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(x, A, B, k, bias, h, z)
+        ctx.scale = scale
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        x, A, B, k, bias, h, y = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_a, need_b, need_k, need_z, need_bias = ctx.needs_input_grad[:6]
+        d_out, r = B.shape
+        g = grad.reshape(-1, d_out).to(A.dtype)
+        gx = ga = gb = gk = gz = gbias = None
+        if need_b:
+            gb = (s * k).unsqueeze(1) * (g.T @ h.reshape(-1, r))
+        if need_x or need_a:
+            gh = g @ (B * (s * k).unsqueeze(1))
+            if need_a:
+                ga = gh.T @ x.reshape(-1, x.shape[-1]).to(A.dtype)
+            if need_x:
+                gx = (gh @ A).reshape(x.shape).to(x.dtype)
+        g_sum = g.sum(0) if (bias is not None and (need_k or need_bias)) else None
+        if need_k:
+            gk = (g * y.reshape(-1, d_out)).sum(0)
+            if g_sum is not None:
+                gk = gk - g_sum * bias.to(gk.dtype)
+            gk = gk / k
+        if need_z:
+            gz = (grad * k).to(y.dtype)
+        if need_bias:
+            gbias = ((1 - k) * g_sum).to(bias.dtype)
+        return gx, ga, gb, gk, gz, gbias, None
+
+
 # --------------------------------------------------------------------------------------------
 # The variant
 # --------------------------------------------------------------------------------------------
@@ -339,16 +427,47 @@ class DoRA(lorazoo.LowRankAdapter):
         c = None if weight is None else self.row_scale(weight)
         return lorazoo.LowRank(self.lora_A, self.lora_B, self.scale, row_scale=c)
 
-    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
-        weight = host.weight
-        A, B, m = self.lora_A, self.lora_B, self.lora_magnitude_vector
+    def _k(self, weight: Tensor) -> Tensor:
+        """``k = m / n`` for the forward: ``n`` detached and cached unless ``detach_norm`` is
+        off while training."""
         if self.config.detach_norm or not torch.is_grad_enabled():
             n = self._detached_norm(weight)
         else:
             base = self._base_key(weight)
             wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None
             n = self._norm(weight, wsq)
-        k = magnitude_scale(m, n)
+        return magnitude_scale(self.lora_magnitude_vector, n)
+
+    def output(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+        """The whole layer output when DoRA runs alone on the layer: finished in place on the
+        base output (:func:`finish_output`), whose result backward keeps instead of a separate
+        copy of ``W x``. Dropout in training, autocast, adapters on another device and, when
+        training, a ``k`` that :func:`recoverable` rejects take the general path,
+        ``base_out + forward(...)``."""
+        A = self.lora_A
+        if (
+            (self.training and self.config.dropout > 0)
+            or A.device != base_out.device
+            or torch.is_autocast_enabled(base_out.device.type)
+        ):
+            return super().output(x, base_out, host)
+        k = self._k(host.weight)
+        B, bias = self.lora_B, host.bias
+        tensors = (x, A, B, k, base_out) + ((bias,) if bias is not None else ())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            if not recoverable(k, bias):
+                return base_out + self._contribution(x, base_out, host, k).to(base_out.dtype)
+            return _DoraOutput.apply(x, A, B, k, base_out, bias, self.scale)
+        with torch.no_grad():
+            finish_output(x, A, B, k, base_out, bias, self.scale)
+        return base_out
+
+    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+        return self._contribution(x, base_out, host, self._k(host.weight))
+
+    def _contribution(self, x: Tensor, base_out: Tensor, host: AdaptedLinear, k: Tensor) -> Tensor:
+        weight = host.weight
+        A, B = self.lora_A, self.lora_B
         xa = x.to(A.dtype)
         if self.training and self.config.dropout > 0:
             # W·drop(x) is recomputed on the dropped input (PEFT and the authors' code).

@@ -265,3 +265,55 @@ def test_merge_unmerge_model_bit_exact_with_fused_layers():
     assert ((merged - unmerged).abs() <= tau).all()
     assert torch.equal(_bits(host.weight.detach()), _bits(before))
     assert copy.deepcopy(model)(x).shape == (3, 80)
+
+
+class Whole(LowRankAdapter):
+    """A variant that produces the whole layer output itself (the ``output`` hook), counting
+    how often the engine hands it the layer."""
+
+    name = "test-whole"
+    calls = 0
+
+    def output(self, x, base_out, host):
+        type(self).calls += 1
+        return base_out.add_(self.lowrank_out(x))  # in place: the engine hands over a fresh output
+
+
+def test_output_hook_runs_only_for_an_adapter_alone_on_its_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 20))
+    lorazoo.inject(model, Whole, targets=nn.Linear, r=4, name="whole")
+    host = model[0]
+    with torch.no_grad():
+        host.adapters["whole"].lora_B.normal_(std=0.5)
+    x = torch.randn(5, 24)
+    Whole.calls = 0
+    with torch.no_grad():
+        alone = model(x)
+        assert Whole.calls == 1
+        assert torch.equal(alone, general_forward(host, x))
+        lorazoo.inject(model, "lora", targets=nn.Linear, r=4, name="other")
+        beside = model(x)
+        assert Whole.calls == 1, "the hook ran beside another adapter"
+        ref = general_forward(host, x)
+        lrs = [a.lowrank() for a in host.adapters.values()]
+        assert ((beside - ref).abs() <= merge_tolerance(x, host.weight, host.bias, lrs)).all()
+        host.set_active(["whole"])
+        model(x)
+        assert Whole.calls == 2
+        lorazoo.merge(model)
+        model(x)
+        assert Whole.calls == 2, "the hook ran on a merged layer"
+
+
+def test_default_output_is_base_plus_contribution():
+    """``Variant.output`` by default adds ``forward``'s contribution, cast to the output dtype."""
+    model = adapted("lora", dtype=torch.bfloat16)
+    host = model[0]
+    a = host.adapters["default"]
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = nn.functional.linear(x, host.weight, host.bias)
+        out = LowRankAdapter.output(a, x, y, host)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, general_forward(host, x))

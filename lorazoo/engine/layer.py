@@ -51,6 +51,14 @@ def fusable(cls: type) -> bool:
     )
 
 
+def owns_output(cls: type) -> bool:
+    """True when adapters of ``cls`` produce the whole layer output themselves
+    (:meth:`~lorazoo.Variant.output` overridden); the engine lets them when they run alone."""
+    from ..variant import Variant
+
+    return issubclass(cls, Variant) and cls.output is not Variant.output
+
+
 def _fast_applies(adapter: Variant, x: Tensor, y: Tensor) -> bool:
     """Per call: the fused path needs one dtype and device throughout, no autocast (which
     would change the dtypes the general path computes in) and a contiguous output."""
@@ -107,6 +115,7 @@ class AdaptedLinear(nn.Module):
         self.patches: list[BasePatch] = []
         self._run: tuple[Variant, ...] = ()  # adapters the forward applies
         self._fusable: frozenset[Variant] = frozenset()  # those that may take the fused path
+        self._solo: Variant | None = None  # the only adapter run, when it overrides ``output``
         self.register_load_state_dict_post_hook(_ignore_missing_adapter_keys)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -119,6 +128,7 @@ class AdaptedLinear(nn.Module):
         merged = self.merged.names if self.merged else ()
         self._run = tuple(self.adapters[n] for n in self.active if n not in merged)
         self._fusable = frozenset(a for a in self._run if fusable(type(a)))
+        self._solo = self._run[0] if len(self._run) == 1 and owns_output(type(self._run[0])) else None
 
     def add_adapter(self, name: str, adapter: Variant, active: bool = True) -> None:
         if name in self.adapters:
@@ -151,6 +161,10 @@ class AdaptedLinear(nn.Module):
             self._refuse_training_while_merged()
         if not self._run:
             return y
+        if self._solo is not None:
+            # ``y`` is fresh and referenced by nothing else (the base product's backward needs
+            # only ``x`` and ``W``), so the adapter may finish it in place.
+            return self._solo.output(x, y, self)
         out = y
         fast: list[Variant] = []
         for adapter in self._run:
