@@ -10,9 +10,10 @@ the forward uses, so ``k`` is exactly 1 and the adapted model starts equal to th
 bit. Following the paper (§4.3) the norm ``n`` is a constant in backward by default
 (``detach_norm``): its value tracks ``B·A`` but carries no gradient, which saves memory and time.
 
-The unmerged contribution follows PEFT: ``(k − 1) ⊙ (W x) + k ⊙ (s·B·A·x)`` with ``W x`` taken
-from the base output minus the bias (the bias is not rescaled), or recomputed on the dropped
-input when dropout is active in training.
+The unmerged output is ``k ⊙ (W x + s·B·A·x) + b`` (the bias is not rescaled). Alone on its
+layer DoRA finishes the base output in place (:meth:`DoRA.output`); beside other adapters it adds
+PEFT's contribution ``(k − 1) ⊙ (W x) + k ⊙ (s·B·A·x)`` with ``W x`` taken from the base output
+minus the bias, or recomputed on the dropped input when dropout is active in training.
 
 Two things make it cheap:
 
@@ -21,12 +22,14 @@ Two things make it cheap:
   ``‖W_i‖²`` is cached per base weight. Rows where the identity would cancel badly (``W + s·B·A``
   much shorter than ``W`` and ``s·B·A``) are recomputed densely. Tiny layers, where kernel
   launches dominate, form ``W + s·B·A`` directly (:func:`norm_method`).
-* **Few passes, and backward saves only what it needs.** :func:`contribution` folds ``s·k`` and
-  the bias correction into the second low-rank product, leaving one elementwise pass over the
-  output. :class:`_DoraContribution` returns the same values bit for bit but keeps only the
-  base output (in its storage dtype) and the rank-``r`` intermediate, instead of autograd's two
-  fresh ``d_out``-wide fp32 activations, and forms ``∂L/∂k`` from the ``Gᵀ·(A x)`` product
-  the ``B`` gradient needs anyway.
+* **Few passes, and backward keeps what the next operation keeps.** :func:`finish_output` turns
+  the base output into the layer output with one elementwise pass and a matmul that accumulates
+  into it; :class:`_DoraOutput` keeps that output for backward (``∂L/∂m`` needs
+  ``W x + s·B·A·x = (y − b)/k`` per token), and attention or SwiGLU after the layer keep the
+  same tensor, so there DoRA costs LoRA's activation memory. The general path
+  (:func:`contribution`, :class:`_DoraContribution`) folds ``s·k`` and the bias correction into
+  the second low-rank product and keeps the base output in its storage dtype and the rank-``r``
+  intermediate, instead of autograd's two fresh ``d_out``-wide fp32 activations.
 """
 
 from __future__ import annotations
