@@ -13,6 +13,7 @@ Variants are plugins found through the ``lorazoo`` entry-point group; see ``lora
 __version__ = "0.1.0"
 
 from .engine import (  # noqa: E402
+    AdaptedEmbedding,
     AdaptedLinear,
     MergeReport,
     TrainableCount,
@@ -45,6 +46,7 @@ from .registry import register, unregister, variant, variants  # noqa: E402
 from .variant import LayerInfo, LowRank, LowRankAdapter, Variant, VariantConfig  # noqa: E402
 
 __all__ = [
+    "AdaptedEmbedding",
     "AdaptedLinear",
     "AdapterFileError",
     "ConfigError",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import __version__, registry
 from .engine.inject import adapter_names, adapters_named, commit, plan
+from .engine.layer import layer_dims, layer_kind
 from .errors import AdapterFileError, LorazooError
 from .variant import Variant
 
@@ -65,6 +66,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
         modules[mpath] = {
             "d_out": host.out_features,
             "d_in": host.in_features,
+            "kind": layer_kind(host),
             "base_dtype": str(host.weight.dtype),
             **adapter.extra_metadata(),
         }
@@ -183,12 +185,14 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
         raise AdapterFileError(_module_mismatch(path, wanted, set(), missing=missing))
     for mpath, info in file_modules.items():
         m = named[mpath]
-        shape = (getattr(m, "out_features", None), getattr(m, "in_features", None))
-        if shape != (info["d_out"], info["d_in"]):
+        kind = layer_kind(m)
+        shape = layer_dims(m) if kind else (None, None)
+        want = info.get("kind", "linear")
+        if kind != want or shape != (info["d_out"], info["d_in"]):
             raise AdapterFileError(
-                f"{str(path)!r} was made for {mpath!r} of shape {info['d_out']}×{info['d_in']}, "
-                f"but this model's {mpath!r} is {type(m).__name__} with shape "
-                f"{shape[0]}×{shape[1]}"
+                f"{str(path)!r} was made for the {want} layer {mpath!r} of shape "
+                f"{info['d_out']}×{info['d_in']} (out × in), but this model's {mpath!r} is "
+                f"{type(m).__name__} with shape {shape[0]}×{shape[1]}"
             )
     try:
         injection = plan(model, cls, lambda n, m: n in wanted, name=name, config=config, dtype=dtype)

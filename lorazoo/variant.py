@@ -116,7 +116,10 @@ class LayerInfo:
     """The base layer an adapter is built for, in ``nn.Linear`` layout (``d_out × d_in``).
 
     ``weight`` is the live base weight (read it for data-aware initialisations such as OLoRA's
-    QR; change it only through ``host.patch_base`` in :meth:`Variant.prepare_base`).
+    QR; change it only through ``host.patch_base`` in :meth:`Variant.prepare_base`). ``kind``
+    is ``"linear"`` or ``"embedding"``; an embedding is seen as the linear map from one-hot rows
+    (``d_in = num_embeddings``, ``d_out = embedding_dim``), and ``weight`` is then a transposed
+    view of its table.
     """
 
     path: str
@@ -125,6 +128,7 @@ class LayerInfo:
     weight: Tensor
     has_bias: bool
     adapter_dtype: torch.dtype
+    kind: str = "linear"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,6 +171,10 @@ class Variant(nn.Module, ABC):
         recommended_lr: the AdamW learning rate this variant is known to train well with on
             small and mid-sized models (``lorazoo bench`` uses it unless told otherwise; scale it
             down for models of billions of parameters).
+        layer_kinds: the layer kinds it adapts, ``"linear"`` and (for additive variants whose
+            output is exactly their ``lowrank()`` product) ``"embedding"``. On an embedding the
+            engine computes ``s·Aᵀ[ids]·Bᵀ`` from ``lowrank()`` itself; ``forward`` and dropout
+            are not used there.
     """
 
     name: ClassVar[str] = ""
@@ -174,6 +182,7 @@ class Variant(nn.Module, ABC):
     exact_at_init: ClassVar[bool] = True
     example_config: ClassVar[dict[str, Any]] = {}
     recommended_lr: ClassVar[float] = 1e-3
+    layer_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
 
     def __init__(self, layer: LayerInfo, config: VariantConfig, shared: nn.Module | None = None):
         super().__init__()

@@ -19,6 +19,7 @@ class LoraConfig(lorazoo.VariantConfig):
 class LoRA(lorazoo.LowRankAdapter):
     name = "lora"
     config_class = LoraConfig
+    layer_kinds = frozenset({"linear", "embedding"})
 
 
 @lorazoo.hookimpl

@@ -56,19 +56,14 @@ class LoraPlusConfig(lorazoo.VariantConfig):
 
 
 def _on_embedding(layer: lorazoo.LayerInfo) -> bool:
-    """Whether the adapted layer is an embedding.
-
-    ``LayerInfo`` describes the layer the engine wraps; today that is always an ``nn.Linear``
-    (``lorazoo.engine.layer.is_supported``) and ``LayerInfo`` has no field naming the layer kind,
-    so this is False for every adapter the engine builds. An engine that wraps ``nn.Embedding``
-    states it through a ``kind`` field of ``LayerInfo`` (``"embedding"``), which this reads.
-    """
-    return getattr(layer, "kind", "linear") == "embedding"
+    """Whether the adapted layer is an embedding (``nn.Embedding``)."""
+    return layer.kind == "embedding"
 
 
 class LoRAPlus(lorazoo.LowRankAdapter):
     name = "loraplus"
     config_class = LoraPlusConfig
+    layer_kinds = frozenset({"linear", "embedding"})
     # The A group's rate. With λ = 16 the B factors train at 1.6e-2 under AdamW, which is what
     # makes LoRA+ reach a loss in fewer steps than LoRA at the same base rate
     # (tests/test_training.py).

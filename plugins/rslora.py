@@ -22,6 +22,7 @@ class RsLoraConfig(lorazoo.VariantConfig):
 class RsLoRA(lorazoo.LowRankAdapter):
     name = "rslora"
     config_class = RsLoraConfig
+    layer_kinds = frozenset({"linear", "embedding"})
 
     @property
     def scale(self) -> float:

@@ -99,13 +99,22 @@ def test_targets_matching_nothing_lists_modules():
     assert_same(before, model)
 
 
-@pytest.mark.parametrize("target", ["block", "emb", "conv", ["q_proj", "conv"]])
+@pytest.mark.parametrize("target", ["block", "conv", ["q_proj", "conv"], ["emb", "conv"]])
 def test_unsupported_layer_type_is_refused(target):
     model = Net()
     before = state(model)
     with pytest.raises(lorazoo.TargetError) as e:
         lorazoo.inject(model, "lora", targets=target)
-    assert "cannot adapt" in str(e.value) and "nn.Linear" in str(e.value)
+    assert "cannot adapt" in str(e.value) and "nn.Linear" in str(e.value) and "nn.Embedding" in str(e.value)
+    assert_same(before, model)
+
+
+def test_embedding_refused_by_a_linear_only_variant():
+    """Embeddings are supported layers, but only variants that declare the kind adapt them."""
+    model = Net()
+    before = state(model)
+    with pytest.raises(lorazoo.ConfigError, match="'emb'"):
+        lorazoo.inject(model, "dora", targets=["q_proj", "emb"])
     assert_same(before, model)
 
 

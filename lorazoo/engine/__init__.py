@@ -1,7 +1,7 @@
 """The one shared injection / routing / merge engine. It knows no variant by name."""
 
 from .inject import adapter_names, eject, hosts, inject, iter_adapters, plan
-from .layer import AdaptedLinear
+from .layer import AdaptedEmbedding, AdaptedLinear
 from .merge import MergeReport, merge, merge_report, unmerge
 from .training import (
     TrainableCount,
@@ -14,6 +14,7 @@ from .training import (
 )
 
 __all__ = [
+    "AdaptedEmbedding",
     "AdaptedLinear",
     "MergeReport",
     "TrainableCount",

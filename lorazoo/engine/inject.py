@@ -18,7 +18,7 @@ from torch import nn
 from .. import registry
 from ..errors import ConfigError, LorazooError, MergeError
 from ..variant import LayerInfo, Variant, VariantConfig
-from .layer import AdaptedLinear
+from .layer import AdaptedLinear, host_for, layer_dims, layer_kind
 from .targets import ALL_LINEAR, TargetSpec, resolve
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -112,23 +112,32 @@ def plan(
         if isinstance(module, AdaptedLinear) and module.merged is not None:
             raise MergeError(f"layer {path!r} has merged adapters; unmerge before injecting more")
         weight = module.weight
+        kind = layer_kind(module)
+        d_out, d_in = layer_dims(module)
         layers.append(
             LayerInfo(
                 path=path,
-                d_in=module.in_features,
-                d_out=module.out_features,
-                weight=weight.detach(),
-                has_bias=module.bias is not None,
+                d_in=d_in,
+                d_out=d_out,
+                weight=weight.detach().t() if kind == "embedding" else weight.detach(),
+                has_bias=getattr(module, "bias", None) is not None,
                 adapter_dtype=dtype or default_adapter_dtype(weight.dtype),
+                kind=kind or "linear",
             )
         )
     for layer in layers:
+        if layer.kind not in cls.layer_kinds:
+            raise ConfigError(
+                f"variant {cls.name!r} does not adapt {layer.kind} layers such as {layer.path!r} "
+                f"(it adapts: {', '.join(sorted(cls.layer_kinds))}); leave that layer out of the "
+                "targets, or use a variant that does, e.g. 'lora'"
+            )
         cls.check_layer(layer, cfg)
     shared = cls.shared_state(cfg, layers)
     entries = []
     for (path, module), layer in zip(matches, layers, strict=False):
         new = not isinstance(module, AdaptedLinear)
-        host = AdaptedLinear(module) if new else module
+        host = host_for(module) if new else module
         entries.append(_Entry(path, host, new, cls(layer, cfg, shared)))
     return Plan(name, cls, cfg, entries, shared)
 

@@ -1,6 +1,7 @@
 """The host module: one base layer plus its named adapters.
 
-``AdaptedLinear`` takes the place of an ``nn.Linear`` in the model. It holds the base layer's own
+``AdaptedLinear`` takes the place of an ``nn.Linear`` in the model (``AdaptedEmbedding``, a
+subclass, of an ``nn.Embedding``). It holds the base layer's own
 ``weight`` and ``bias`` *parameter objects* under the same names, so the model's state-dict keys
 and tensors for the base stay exactly as they were (a base checkpoint still loads), and adapters
 live under ``<layer>.adapters.<name>.*``. The original module object is remembered (not as a
@@ -24,11 +25,47 @@ if TYPE_CHECKING:
     from ..variant import Variant
 
 
-def is_supported(module: nn.Module) -> bool:
-    """True for layers lorazoo can wrap: ``nn.Linear`` and subclasses that keep its forward."""
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"`` or ``"embedding"`` for a layer lorazoo can wrap (or has wrapped), else None.
+
+    Supported: ``nn.Linear`` and ``nn.Embedding``, and subclasses that keep their forward. An
+    embedding with ``max_norm`` is not: its forward renormalises rows of the weight in place,
+    which no merge could undo.
+    """
+    if isinstance(module, AdaptedEmbedding):
+        return "embedding"
     if isinstance(module, AdaptedLinear):
-        return True
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        return "linear"
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is nn.Embedding.forward
+        and module.max_norm is None
+    ):
+        return "embedding"
+    return None
+
+
+def is_supported(module: nn.Module) -> bool:
+    """True for layers lorazoo can wrap (:func:`layer_kind`)."""
+    return layer_kind(module) is not None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (supported or not) or a host wrapping one."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, AdaptedLinear) and not isinstance(module, AdaptedEmbedding)
+    )
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a supported layer, seen as a linear map: an embedding maps a one-hot
+    row of ``num_embeddings`` entries to ``embedding_dim`` features, so its weight
+    (``num_embeddings × embedding_dim``) is the transpose of that map's."""
+    if isinstance(module, (nn.Embedding, AdaptedEmbedding)):
+        return module.embedding_dim, module.num_embeddings
+    return module.out_features, module.in_features
 
 
 def fusable(cls: type) -> bool:
@@ -99,15 +136,15 @@ class AdaptedLinear(nn.Module):
     ``forward(x) = W x + b + Σ_{active, unmerged} c_a(x)``.
     """
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Module):
         super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.out_features, self.in_features = layer_dims(base)
         self.weight = base.weight
-        if base.bias is None:
+        bias = getattr(base, "bias", None)
+        if bias is None:
             self.register_parameter("bias", None)
         else:
-            self.bias = base.bias
+            self.bias = bias
         self.adapters = nn.ModuleDict()
         self._origin = (base,)  # a tuple, so nn.Module does not register it as a child
         self.active: tuple[str, ...] = ()
@@ -222,6 +259,11 @@ class AdaptedLinear(nn.Module):
             g = g + 1
         return torch.cat(Bs, dim=1), torch.cat(As, dim=0), g, scales
 
+    def _oriented(self, B: Tensor, A: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The update ``g ⊙_row W + B·A`` in the stored weight's layout (a linear layer stores
+        ``d_out × d_in``, as the factors are)."""
+        return B, A, g
+
     def _adapter_print(self, names: Sequence[str]) -> tuple:
         tensors = [t for n in names for t in (*self.adapters[n].parameters(), *self.adapters[n].buffers())]
         return fingerprint(*tensors)
@@ -235,7 +277,7 @@ class AdaptedLinear(nn.Module):
         if not names:
             raise MergeError("nothing to merge")
         B, A, g, scales = self._factors(names, None)
-        residual = apply_update(self.weight.data, B, A, g)
+        residual = apply_update(self.weight.data, *self._oriented(B, A, g))
         self._wrote_weight()
         self.merged = MergeState(
             names=names,
@@ -279,7 +321,7 @@ class AdaptedLinear(nn.Module):
         assert state is not None
         changed = self._changed_while_merged()
         B, A, g, _ = self._factors(state.names, state.row_scales)
-        revert_update(self.weight.data, B, A, g, None if changed else state.residual)
+        revert_update(self.weight.data, *self._oriented(B, A, g), None if changed else state.residual)
         self._wrote_weight()
         self.merged = None
         self._refresh()
@@ -335,6 +377,70 @@ class AdaptedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, active={list(self.active)}, merged={merged}"
         )
+
+
+class AdaptedEmbedding(AdaptedLinear):
+    """An ``nn.Embedding`` with named adapters beside it.
+
+    Seen as a linear map from one-hot rows (``d_in = num_embeddings``, ``d_out = embedding_dim``),
+    an adapter's update is ``s·B·A`` with ``A`` ``r × num_embeddings`` and ``B``
+    ``embedding_dim × r`` (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``), and the stored
+    weight is that map's transpose. So the forward looks up ``Aᵀ`` like the base weight,
+    ``y = W[ids] + s·Aᵀ[ids]·Bᵀ`` (no dropout on the ids), and merges add ``(s·B·A)ᵀ``, through
+    the same exact merge and unmerge as linear layers. Only additive variants that declare the
+    ``"embedding"`` kind adapt embeddings; row scales and base rewrites are refused.
+    """
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__(base)
+        self.num_embeddings = base.num_embeddings
+        self.embedding_dim = base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.max_norm = None
+        self.norm_type = base.norm_type
+        self.scale_grad_by_freq = base.scale_grad_by_freq
+        self.sparse = base.sparse
+
+    def _embed(self, ids: Tensor, table: Tensor, sparse: bool = False) -> Tensor:
+        return F.embedding(
+            ids, table, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, sparse
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        y = self._embed(ids, self.weight, self.sparse)
+        if self.merged is not None and self.training and torch.is_grad_enabled():
+            self._refuse_training_while_merged()
+        out = y
+        for adapter in self._run:
+            lr = adapter.lowrank()
+            if lr.row_scale is not None:
+                raise MergeError(
+                    f"{type(adapter).__name__} scales rows, which an embedding layer cannot apply; "
+                    "remove 'embedding' from its layer_kinds"
+                )
+            h = self._embed(ids, lr.A.t())
+            out = out + (F.linear(h, lr.B) * lr.scale).to(y.dtype)
+        return out
+
+    def _oriented(self, B: Tensor, A: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        if g is not None:
+            raise MergeError("row-scaling updates cannot be merged into an embedding layer")
+        return A.t().contiguous(), B.t().contiguous(), None
+
+    def patch_base(self, owner: str, B: Tensor, A: Tensor, row_scale: Tensor | None = None) -> None:
+        raise MergeError(f"adapter {owner!r} rewrites the base weight, which embedding layers do not support")
+
+    def extra_repr(self) -> str:
+        merged = list(self.merged.names) if self.merged else []
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+            f"active={list(self.active)}, merged={merged}"
+        )
+
+
+def host_for(module: nn.Module) -> AdaptedLinear:
+    """A new host for a supported layer."""
+    return AdaptedEmbedding(module) if layer_kind(module) == "embedding" else AdaptedLinear(module)
 
 
 def _ignore_missing_adapter_keys(module: AdaptedLinear, incompatible) -> None:

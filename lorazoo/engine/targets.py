@@ -7,7 +7,7 @@ A target specification is one item or a list of items, each one of:
   ``"model.layers.0.self_attn.q_proj"``);
 * a regular expression, as ``re.compile(...)`` or a string prefixed ``"re:"``, matched
   against the full dotted path (``re.fullmatch``);
-* a module class (``nn.Linear``): every module of that type;
+* a module class (``nn.Linear``, ``nn.Embedding``): every module of that type;
 * a callable ``(path, module) -> bool``.
 
 Every item must match at least one module; a typo fails loudly with the closest names.
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from ..errors import TargetError, closest
-from .layer import AdaptedLinear, is_supported
+from .layer import AdaptedEmbedding, AdaptedLinear, is_linear, is_supported
 
 Target = str | re.Pattern | type | Callable[[str, nn.Module], bool]
 TargetSpec = Target | Sequence[Target]
@@ -68,7 +68,7 @@ def _describe(item: Target) -> str:
 def _matcher(item: Target, model: nn.Module) -> Callable[[str, nn.Module], bool]:
     if isinstance(item, str) and item == ALL_LINEAR:
         head = _output_head(model)
-        return lambda n, m: isinstance(m, (nn.Linear, AdaptedLinear)) and m is not head
+        return lambda n, m: is_linear(m) and m is not head
     if isinstance(item, str) and item.startswith("re:"):
         item = re.compile(item[3:])
     if isinstance(item, re.Pattern):
@@ -82,7 +82,9 @@ def _matcher(item: Target, model: nn.Module) -> Callable[[str, nn.Module], bool]
     if isinstance(item, type):
         cls = item
         if cls is nn.Linear:
-            return lambda n, m: isinstance(m, (nn.Linear, AdaptedLinear))
+            return lambda n, m: is_linear(m)
+        if cls is nn.Embedding:
+            return lambda n, m: isinstance(m, (nn.Embedding, AdaptedEmbedding))
         return lambda n, m: isinstance(m, cls)
     if callable(item):
         return item
@@ -121,9 +123,9 @@ def resolve(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Module]
         listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:8])
         more = f" and {len(unsupported) - 8} more" if len(unsupported) > 8 else ""
         raise TargetError(
-            f"targets matched modules lorazoo cannot adapt: {listed}{more}. Supported layer type: "
-            "torch.nn.Linear (and subclasses that keep its forward). Name the linear layers "
-            "inside, e.g. 'q_proj', or use 'all-linear'."
+            f"targets matched modules lorazoo cannot adapt: {listed}{more}. Supported layer types: "
+            "torch.nn.Linear and torch.nn.Embedding without max_norm (and subclasses that keep "
+            "their forward). Name the layers inside, e.g. 'q_proj', or use 'all-linear'."
         )
     order = {n: i for i, (n, _) in enumerate(candidates)}
     return sorted(chosen.items(), key=lambda nm: order[nm[0]])
@@ -139,9 +141,9 @@ def _nothing_matched(item: Target, candidates: list[tuple[str, nn.Module]]) -> s
             msg += f" Did you mean {near!r}?"
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if is_supported(m)})
     if linear:
-        msg += f" Linear layers in this model (by last name): {', '.join(linear[:30])}"
+        msg += f" Layers lorazoo can adapt in this model (by last name): {', '.join(linear[:30])}"
         msg += " ..." if len(linear) > 30 else ""
     else:
-        msg += " The model has no nn.Linear layer lorazoo can adapt."
+        msg += " The model has no nn.Linear or nn.Embedding layer lorazoo can adapt."
     sample = ", ".join(names[:12])
     return msg + f". Module names start: {sample}" + (" ..." if len(names) > 12 else "")
