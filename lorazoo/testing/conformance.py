@@ -2,7 +2,8 @@
 variant, and a third-party plugin runs them on its own with :func:`run_conformance`.
 
 Each ``check_*`` takes a variant name and a :class:`Case` (shapes, rank, alpha, dtype, batch,
-seed), builds a small model of independent ``nn.Linear`` layers, and raises ``AssertionError``
+seed), builds a small model of independent ``nn.Linear`` layers (``nn.Embedding`` tables for
+the embedding check), and raises ``AssertionError``
 with the offending figures when the variant breaks an invariant of VARIANTS.md §12. The checks
 use only the public API and a variant's declared math (``lowrank``, ``num_trainable``,
 ``exact_at_init``), so they apply to any plugin unchanged.
@@ -545,6 +546,96 @@ def check_gradients(variant: str, case: Case) -> None:
     assert all(v == 1 for v in seen.values()), "a tensor appears in two optimizer groups"
 
 
+class Tables(nn.Module):
+    """Independent embedding tables, one per case shape ``(d_in, d_out, _)``: ``d_in`` entries of
+    ``d_out`` features (the one-hot linear map's shape); ``forward(ids)`` looks ``ids[i]`` up in
+    table i."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int, bool]], dtype: torch.dtype):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(i, o, dtype=dtype) for i, o, _ in shapes)
+
+    def forward(self, ids: Sequence[Tensor]) -> list[Tensor]:
+        return [table(t) for table, t in zip(self.tables, ids, strict=True)]
+
+
+def check_embedding(variant: str, case: Case) -> None:
+    """12. Embedding tables. A variant whose ``layer_kinds`` include ``"embedding"``: output at
+    injection equal to the base (bit for bit with ``exact_at_init``), merged within τ of
+    unmerged (the bound of the one-hot linear map the table is), merge → unmerge and
+    merge → eject bit-exact, save → load bit-exact. Any other variant: injection is refused
+    with a ``ConfigError`` and the model unchanged."""
+    torch.manual_seed(case.seed)
+    model = Tables(case.shapes, case.dtype).to(case.device)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    ids = [torch.randint(0, i, case.batch, generator=g).to(case.device) for i, _, _ in case.shapes]
+    originals = list(model.tables)
+    fresh = copy.deepcopy(model)
+    before = _snapshot(model)
+    cls = lorazoo.variant(variant)
+    hyper = {"r": case.r, "alpha": case.alpha, **cls.example_config, **case.extra}
+    if "embedding" not in cls.layer_kinds:
+        try:
+            lorazoo.inject(model, variant, targets=[nn.Embedding], **hyper)
+        except lorazoo.ConfigError:
+            _assert_bitwise(before, model, "refused embedding injection")
+            assert all(m is o for m, o in zip(model.tables, originals, strict=True)), "a table was replaced"
+            return
+        raise AssertionError(f"{variant!r} does not list 'embedding' in layer_kinds, yet adapted one")
+    model.eval()
+    with torch.no_grad():
+        base = model(ids)
+        lorazoo.inject(model, variant, targets=[nn.Embedding], **hyper)
+        at_init = model(ids)
+    hs = _layer_hosts(model)
+    assert all(isinstance(h, lorazoo.AdaptedEmbedding) for h in hs), "tables not wrapped as embeddings"
+
+    def tolerance(i: int, weight: Tensor) -> Tensor:
+        onehot = torch.nn.functional.one_hot(ids[i], weight.shape[0]).to(weight.dtype)
+        lrs = [hs[i].adapters[n].lowrank(weight.t()) for n in hs[i].active]
+        return merge_tolerance(onehot, weight.t(), None, lrs, weight.dtype)
+
+    for i, (y, y0) in enumerate(zip(at_init, base, strict=True)):
+        if cls.exact_at_init:
+            assert torch.equal(_bits(y), _bits(y0)), f"table {i}: output differs from the base at init"
+        else:
+            assert bool(((y.double() - y0.double()).abs() <= tolerance(i, hs[i].weight)).all()), (
+                f"table {i} at init"
+            )
+    perturb(model, case.seed)
+    weights = [h.weight.detach().clone() for h in hs]
+    with torch.no_grad():
+        unmerged = model(ids)
+        assert any(not torch.equal(y, y0) for y, y0 in zip(unmerged, base, strict=True)), (
+            "perturbed embedding adapters had no effect"
+        )
+        lorazoo.merge(model)
+        merged = model(ids)
+    for i, (ym, yu) in enumerate(zip(merged, unmerged, strict=True)):
+        diff = (ym.double() - yu.double()).abs()
+        tau = tolerance(i, weights[i])
+        assert bool((diff <= tau).all()), (
+            f"table {i} merged vs unmerged: worst |Δ| = {float(diff.max()):.3g}, "
+            f"τ there = {float(tau.flatten()[int(diff.flatten().argmax())]):.3g}"
+        )
+    lorazoo.unmerge(model)
+    _assert_bitwise(before, model, "embedding merge → unmerge")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "adapter.safetensors"
+        lorazoo.save(model, path)
+        lorazoo.load(fresh, path)
+    fresh.eval()
+    with torch.no_grad():
+        for i, (y1, y2) in enumerate(zip(unmerged, fresh(ids), strict=True)):
+            assert torch.equal(_bits(y1), _bits(y2)), f"table {i}: forward differs after save → load"
+    lorazoo.merge(model)
+    lorazoo.eject(model)
+    assert all(m is o for m, o in zip(model.tables, originals, strict=True)), (
+        "eject did not restore the tables"
+    )
+    _assert_bitwise(before, model, "embedding merge → eject")
+
+
 CHECKS: dict[str, Callable[[str, Case], Any]] = {
     "init_identity": check_init_identity,
     "perturbed_differs": check_perturbed_differs,
@@ -557,6 +648,7 @@ CHECKS: dict[str, Callable[[str, Case], Any]] = {
     "dropout": check_dropout,
     "delta_consistency": check_delta_consistency,
     "gradients": check_gradients,
+    "embedding": check_embedding,
 }
 
 # dtypes each check draws from (VARIANTS.md §12: unmerge is bit-exact in fp32, bf16 and fp16).
@@ -564,6 +656,7 @@ CHECK_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "unmerge_exact": (torch.float32, torch.bfloat16, torch.float16),
     "eject_exact": (torch.float32, torch.bfloat16, torch.float16),
     "merge_equivalence": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "embedding": (torch.float32, torch.bfloat16, torch.float16),
 }
 
 
@@ -611,6 +704,7 @@ __all__ = [
     "Case",
     "Layers",
     "STATS",
+    "Tables",
     "MERGE_BYTES",
     "accumulation_roundoff",
     "adapt",
