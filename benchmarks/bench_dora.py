@@ -17,6 +17,7 @@ Targets: DoRA ≤ 1.10× LoRA in step time and peak memory; unmerged DoRA forwar
 base model's (PEFT measured 1.24×, 1.38×, 1.61×).
 
     python benchmarks/bench_dora.py [--quick] [--threads N] [--dtype float32|bfloat16]
+                                    [--only train,forward,norm] [--repeats N]
 """
 
 from __future__ import annotations
@@ -302,8 +303,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared box)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--only", default="train,forward,norm", help="comma-separated tables to run")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15, --quick 5)")
     args = ap.parse_args()
-    args.repeats = 5 if args.quick else 15
+    args.repeats = args.repeats or (5 if args.quick else 15)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     only = set(args.only.split(","))
