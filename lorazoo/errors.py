@@ -33,6 +33,10 @@ class MergeError(LorazooError, RuntimeError):
     """Merge or unmerge asked for in a state where it is not possible or not exact."""
 
 
+class RoutingError(LorazooError, ValueError):
+    """A routed batch whose rows do not match the input, or name adapters the model lacks."""
+
+
 class AdapterFileError(LorazooError, ValueError):
     """An adapter file that is corrupt, truncated, or made for another model or variant."""
 

@@ -3,6 +3,7 @@
 from .inject import adapter_names, eject, hosts, inject, iter_adapters, plan
 from .layer import AdaptedEmbedding, AdaptedLinear
 from .merge import MergeReport, merge, merge_report, unmerge
+from .routing import route
 from .training import (
     TrainableCount,
     after_step,
@@ -30,6 +31,7 @@ __all__ = [
     "merge_report",
     "param_groups",
     "plan",
+    "route",
     "set_active",
     "trainable",
     "unmerge",

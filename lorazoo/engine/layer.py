@@ -10,7 +10,7 @@ child) and put back by eject.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import MergeError
+from ..errors import MergeError, RoutingError
 from .exact import Residual, acc_dtype, apply_update, fingerprint, revert_update
 
 if TYPE_CHECKING:
@@ -153,6 +153,8 @@ class AdaptedLinear(nn.Module):
         self._run: tuple[Variant, ...] = ()  # adapters the forward applies
         self._fusable: frozenset[Variant] = frozenset()  # those that may take the fused path
         self._solo: Variant | None = None  # the only adapter run, when it overrides ``output``
+        # While a batch is routed (lorazoo.route): its row count and (adapter, row indices)
+        self._routes: tuple[int, tuple[tuple[Variant, Tensor], ...]] | None = None
         self.register_load_state_dict_post_hook(_ignore_missing_adapter_keys)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -196,6 +198,8 @@ class AdaptedLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged is not None and self.training and torch.is_grad_enabled():
             self._refuse_training_while_merged()
+        if self._routes is not None:
+            return self._routed(x, y, self._route_terms, 2)
         if not self._run:
             return y
         if self._solo is not None:
@@ -219,6 +223,77 @@ class AdaptedLinear(nn.Module):
                 h = F.linear(adapter.dropout(x2), adapter.lora_A)
                 flat.addmm_(h, adapter.lora_B.t(), alpha=adapter.scale)
         return out
+
+    def set_routes(self, rows: int | None, routes: Sequence[tuple[str, Tensor]] = ()) -> None:
+        """Route a batch of ``rows`` rows: each ``(adapter name, row indices)`` applies that
+        adapter to those rows only, whatever the active set; rows in no route get the base
+        output. ``rows=None`` ends routing. Used by :func:`lorazoo.route`."""
+        if rows is None:
+            self._routes = None
+            return
+        if self.merged is not None:
+            raise MergeError("cannot route a batch through merged adapters; unmerge first")
+        self._routes = (rows, tuple((self.adapters[n], idx) for n, idx in routes if n in self.adapters))
+
+    def _routed(
+        self,
+        x: Tensor,
+        y: Tensor,
+        terms: Callable[
+            [Sequence[tuple[Variant, Tensor]], Tensor, Tensor], Iterator[tuple[Tensor, Tensor, float]]
+        ],
+        min_dim: int,
+    ) -> Tensor:
+        """The routed output: the base output plus, for each route, the adapter's contribution
+        on its rows (``terms(routes, x, y)`` yields ``(rows, c, alpha)``), added at those rows.
+
+        Routes cover disjoint rows, so each adds into ``y`` in place (``y`` is fresh and the base
+        product's backward does not need it): a route reads only its own rows, which no earlier
+        route has touched, and the output is never copied whole."""
+        assert self._routes is not None
+        rows, routes = self._routes
+        if x.dim() < min_dim or x.shape[0] != rows:
+            raise RoutingError(
+                f"the routed batch has {rows} rows, but this layer's input has shape "
+                f"{tuple(x.shape)}: the first dimension must be the batch the routes were made for"
+            )
+        on_device = [(a, idx.to(y.device)) for a, idx in routes]
+        for idx, c, alpha in terms(on_device, x, y):
+            y.index_add_(0, idx, c.to(y.dtype), alpha=alpha)
+        return y
+
+    def _route_terms(
+        self, routes: Sequence[tuple[Variant, Tensor]], x: Tensor, y: Tensor
+    ) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """Each route's contribution. Plain low-rank adapters without active dropout share one
+        product with their stacked ``A`` factors over the whole batch (``r``-wide per adapter,
+        so only ``r``-wide rows are gathered, not the input's), then ``B·h`` on their rows, the
+        scale applied by the add as in the fused forward. Any other adapter runs its own forward
+        on its rows of the input and of the base output."""
+        plain = [
+            (a, idx)
+            for a, idx in routes
+            if fusable(type(a))
+            and _fast_applies(a, x, y)
+            and (isinstance(a.dropout, nn.Identity) or not a.training)
+        ]
+        if len(plain) > 1:
+            h_all = F.linear(x, torch.cat([a.lora_A for a, _ in plain]))
+            start = 0
+            for a, idx in plain:
+                r = a.lora_A.shape[0]
+                h = h_all.index_select(0, idx)[..., start : start + r]
+                start += r
+                yield idx, F.linear(h, a.lora_B), a.scale
+        stacked = {id(a) for a, _ in plain} if len(plain) > 1 else set()
+        for a, idx in routes:
+            if id(a) in stacked:
+                continue
+            xr = x.index_select(0, idx)
+            if fusable(type(a)) and _fast_applies(a, xr, y):
+                yield idx, F.linear(F.linear(a.dropout(xr), a.lora_A), a.lora_B), a.scale
+            else:
+                yield idx, a(xr, y.index_select(0, idx), self), 1.0
 
     def _refuse_training_while_merged(self) -> None:
         assert self.merged is not None
@@ -273,6 +348,8 @@ class AdaptedLinear(nn.Module):
         """Fold ``names`` into the weight; the weight comes back bit-exactly on :meth:`unmerge`."""
         if self.merged is not None:
             raise MergeError(f"adapters {list(self.merged.names)} are already merged; unmerge first")
+        if self._routes is not None:
+            raise MergeError("cannot merge while a batch is routed (inside lorazoo.route)")
         names = tuple(names)
         if not names:
             raise MergeError("nothing to merge")
@@ -410,17 +487,28 @@ class AdaptedEmbedding(AdaptedLinear):
         y = self._embed(ids, self.weight, self.sparse)
         if self.merged is not None and self.training and torch.is_grad_enabled():
             self._refuse_training_while_merged()
+        if self._routes is not None:
+            return self._routed(ids, y, self._route_terms, 1)
         out = y
         for adapter in self._run:
-            lr = adapter.lowrank()
-            if lr.row_scale is not None:
-                raise MergeError(
-                    f"{type(adapter).__name__} scales rows, which an embedding layer cannot apply; "
-                    "remove 'embedding' from its layer_kinds"
-                )
-            h = self._embed(ids, lr.A.t())
-            out = out + (F.linear(h, lr.B) * lr.scale).to(y.dtype)
+            out = out + self._contribution(adapter, ids).to(y.dtype)
         return out
+
+    def _route_terms(
+        self, routes: Sequence[tuple[Variant, Tensor]], ids: Tensor, y: Tensor
+    ) -> Iterator[tuple[Tensor, Tensor, float]]:
+        for a, idx in routes:
+            yield idx, self._contribution(a, ids.index_select(0, idx)), 1.0
+
+    def _contribution(self, adapter: Variant, ids: Tensor) -> Tensor:
+        """``s·Aᵀ[ids]·Bᵀ`` from the adapter's low-rank form, in the adapter dtype."""
+        lr = adapter.lowrank()
+        if lr.row_scale is not None:
+            raise MergeError(
+                f"{type(adapter).__name__} scales rows, which an embedding layer cannot apply; "
+                "remove 'embedding' from its layer_kinds"
+            )
+        return F.linear(self._embed(ids, lr.A.t()), lr.B) * lr.scale
 
     def _oriented(self, B: Tensor, A: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         if g is not None:

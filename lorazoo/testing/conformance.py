@@ -636,6 +636,44 @@ def check_embedding(variant: str, case: Case) -> None:
     _assert_bitwise(before, model, "embedding merge → eject")
 
 
+def check_routing(variant: str, case: Case) -> None:
+    """13. A mixed batch (:func:`lorazoo.route`): each row, routed to this variant, to LoRA or to
+    the base, equals that row of the model run with only its adapter active within τ (base
+    rows bit for bit); the active set and the outputs after the block are as before it."""
+    model, xs = build(case)
+    adapt(model, variant, case, name="first")
+    adapt(model, "lora", case, name="second")
+    perturb(model, case.seed)
+    model.eval()
+    n = case.batch[0]
+    names = [("first", "second", None)[i % 3] for i in range(n)]
+    hs = _layer_hosts(model)
+    with torch.no_grad():
+        before = model(xs)
+        refs: dict[str | None, list[Tensor]] = {}
+        for name in set(names):
+            if name is None:
+                with lorazoo.disabled(model):
+                    refs[name] = model(xs)
+            else:
+                lorazoo.set_active(model, [name])
+                refs[name] = model(xs)
+        lorazoo.set_active(model, ["first", "second"])
+        with lorazoo.route(model, names):
+            routed = model(xs)
+        after = model(xs)
+    for i, h in enumerate(hs):
+        for row, name in enumerate(names):
+            got, ref = routed[i][row], refs[name][i][row]
+            if name is None:
+                assert torch.equal(_bits(got), _bits(ref)), f"layer {i} row {row}: a base row changed"
+            else:
+                what = f"layer {i} row {row} routed to {name!r}"
+                _check_close(got, ref, xs[i][row], h, _lowranks(h, [name]), what)
+        assert h.active == ("first", "second"), f"layer {i}: routing changed the active adapters"
+        assert torch.equal(_bits(after[i]), _bits(before[i])), f"layer {i}: output changed after the block"
+
+
 CHECKS: dict[str, Callable[[str, Case], Any]] = {
     "init_identity": check_init_identity,
     "perturbed_differs": check_perturbed_differs,
@@ -649,6 +687,7 @@ CHECKS: dict[str, Callable[[str, Case], Any]] = {
     "delta_consistency": check_delta_consistency,
     "gradients": check_gradients,
     "embedding": check_embedding,
+    "routing": check_routing,
 }
 
 # dtypes each check draws from (VARIANTS.md §12: unmerge is bit-exact in fp32, bf16 and fp16).
