@@ -198,6 +198,34 @@ def contribution(
         return out.addcmul_(z_src.detach(), (k.detach() - 1))
 
 
+def _factor_grads(
+    g: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    k: Tensor,
+    h: Tensor,
+    s: float,
+    need: tuple[bool, ...],
+    p: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂x, ∂A, ∂B, P)`` of a term ``((s·k) ⊙_row B)·(A·x)`` for the output gradient ``g``
+    (tokens × d_out), as ``need = (x, A, B)`` asks, with ``P = gᵀ·h`` when ``∂B`` or ``p`` wants
+    it. ``∂x`` comes back in ``x``'s dtype and shape."""
+    need_x, need_a, need_b = need
+    gx = ga = gb = None
+    P = g.T @ h.reshape(-1, h.shape[-1]) if (need_b or p) else None
+    if need_b:
+        gb = (s * k).unsqueeze(1) * P
+    if need_x or need_a:
+        gh = g @ (B * (s * k).unsqueeze(1))
+        if need_a:
+            ga = gh.T @ x.reshape(-1, x.shape[-1]).to(A.dtype)
+        if need_x:
+            gx = (gh @ A).reshape(x.shape).to(x.dtype)
+    return gx, ga, gb, P
+
+
 class _DoraContribution(torch.autograd.Function):
     """:func:`contribution` with a backward that keeps the base output in its storage dtype and
     the ``r``-wide intermediate ``h = A·x``, rather than autograd's fp32 copies of ``W x`` and
@@ -223,18 +251,10 @@ class _DoraContribution(torch.autograd.Function):
         x, A, B, k, z_src, bias, h = ctx.saved_tensors
         s = ctx.scale
         need_x, need_a, need_b, need_k, need_z, need_bias = ctx.needs_input_grad[:6]
-        d_out, r = B.shape
+        d_out = B.shape[0]
         g = grad.reshape(-1, d_out)
-        gx = ga = gb = gk = gz = gbias = None
-        p = g.T @ h.reshape(-1, r) if (need_b or need_k) else None
-        if need_b:
-            gb = (s * k).unsqueeze(1) * p
-        if need_x or need_a:
-            gh = g @ (B * (s * k).unsqueeze(1))
-            if need_a:
-                ga = gh.T @ x.reshape(-1, x.shape[-1])
-            if need_x:
-                gx = (gh @ A).reshape(x.shape)
+        gk = gz = gbias = None
+        gx, ga, gb, p = _factor_grads(g, x, A, B, k, h, s, (need_x, need_a, need_b), p=need_k)
         g_sum = g.sum(0) if (bias is not None and (need_k or need_bias)) else None
         if need_k:
             gk = (g * z_src.reshape(-1, d_out)).sum(0) + s * torch.linalg.vecdot(B, p, dim=1)
@@ -311,17 +331,10 @@ class _DoraOutput(torch.autograd.Function):
         x, A, B, k, bias, h, y = ctx.saved_tensors
         s = ctx.scale
         need_x, need_a, need_b, need_k, need_z, need_bias = ctx.needs_input_grad[:6]
-        d_out, r = B.shape
+        d_out = B.shape[0]
         g = grad.reshape(-1, d_out).to(A.dtype)
-        gx = ga = gb = gk = gz = gbias = None
-        if need_b:
-            gb = (s * k).unsqueeze(1) * (g.T @ h.reshape(-1, r))
-        if need_x or need_a:
-            gh = g @ (B * (s * k).unsqueeze(1))
-            if need_a:
-                ga = gh.T @ x.reshape(-1, x.shape[-1]).to(A.dtype)
-            if need_x:
-                gx = (gh @ A).reshape(x.shape).to(x.dtype)
+        gk = gz = gbias = None
+        gx, ga, gb, _ = _factor_grads(g, x, A, B, k, h, s, (need_x, need_a, need_b), p=False)
         g_sum = g.sum(0) if (bias is not None and (need_k or need_bias)) else None
         if need_k:
             gk = (g * y.reshape(-1, d_out)).sum(0)

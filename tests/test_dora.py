@@ -286,7 +286,8 @@ def _plain(x, A, B, k, z_src, bias, scale):
     return (k - 1) * z + k * (scale * F.linear(F.linear(x, A), B))
 
 
-def test_custom_backward_is_the_gradient():
+def _function_inputs() -> tuple[torch.Tensor, ...]:
+    """``x, A, B, k, z, b`` for gradchecks of the custom backward functions (fp64)."""
     g = torch.Generator().manual_seed(0)
     opts = {"dtype": torch.float64, "requires_grad": True}
     x = torch.randn(2, 3, 7, generator=g, **opts)
@@ -295,6 +296,11 @@ def test_custom_backward_is_the_gradient():
     k = (1 + 0.3 * torch.randn(5, generator=g, dtype=torch.float64)).requires_grad_()
     z = torch.randn(2, 3, 5, generator=g, **opts)
     b = torch.randn(5, generator=g, **opts)
+    return x, A, B, k, z, b
+
+
+def test_custom_backward_is_the_gradient():
+    x, A, B, k, z, b = _function_inputs()
     fn = D._DoraContribution.apply
     assert torch.autograd.gradcheck(lambda *t: fn(*t, 1.7), (x, A, B, k, z, b))
     assert torch.autograd.gradcheck(lambda *t: fn(*t, None, 0.5), (x, A, B, k, z))
@@ -458,14 +464,7 @@ def test_recoverable():
 def test_output_backward_is_the_gradient():
     """The in-place output path's backward, by gradcheck (fp64, with and without a bias), and
     its value against the general path ``z + contribution``."""
-    g = torch.Generator().manual_seed(0)
-    opts = {"dtype": torch.float64, "requires_grad": True}
-    x = torch.randn(2, 3, 7, generator=g, **opts)
-    A = torch.randn(3, 7, generator=g, **opts)
-    B = torch.randn(5, 3, generator=g, **opts)
-    k = (1 + 0.3 * torch.randn(5, generator=g, dtype=torch.float64)).requires_grad_()
-    z = torch.randn(2, 3, 5, generator=g, **opts)
-    b = torch.randn(5, generator=g, **opts)
+    x, A, B, k, z, b = _function_inputs()
     assert D.recoverable(k, b)
     fn = D._DoraOutput.apply
     # z is written in place, so each evaluation gets a copy
