@@ -257,7 +257,9 @@ class _DoraContribution(torch.autograd.Function):
         gx, ga, gb, p = _factor_grads(g, x, A, B, k, h, s, (need_x, need_a, need_b), p=need_k)
         g_sum = g.sum(0) if (bias is not None and (need_k or need_bias)) else None
         if need_k:
-            gk = (g * z_src.reshape(-1, d_out)).sum(0) + s * torch.linalg.vecdot(B, p, dim=1)
+            gk = torch.linalg.vecdot(
+                g, z_src.reshape(-1, d_out).to(g.dtype), dim=0
+            ) + s * torch.linalg.vecdot(B, p, dim=1)
             if g_sum is not None:
                 gk = gk - g_sum * bias.to(gk.dtype)
         if need_z:
@@ -337,7 +339,7 @@ class _DoraOutput(torch.autograd.Function):
         gx, ga, gb, _ = _factor_grads(g, x, A, B, k, h, s, (need_x, need_a, need_b), p=False)
         g_sum = g.sum(0) if (bias is not None and (need_k or need_bias)) else None
         if need_k:
-            gk = (g * y.reshape(-1, d_out)).sum(0)
+            gk = torch.linalg.vecdot(g, y.reshape(-1, d_out).to(g.dtype), dim=0)
             if g_sum is not None:
                 gk = gk - g_sum * bias.to(gk.dtype)
             gk = gk / k
