@@ -7,6 +7,8 @@ adapters. Inference (``torch.no_grad``), fp32. Cases, interleaved:
 * ``uniform``: the whole batch through one adapter (the fused single-adapter forward): what a
   batch costs when every row wants the same task, the figure routing is measured against;
 * ``routed``: ``lorazoo.route`` on the mixed batch;
+* ``routed, sorted``: the same rows sorted by adapter, so each adapter's rows are one run
+  (routed through slices, without gathers);
 * ``sub-batches``: the alternative without routing, one forward per adapter on its own rows;
 * ``PEFT routed``: PEFT's mixed-batch forward (``adapter_names``) on the same adapters, when PEFT
   is installed;
@@ -120,6 +122,13 @@ def main() -> None:
         with lorazoo.route(ours, rows):
             return ours(ids)
 
+    by_adapter = sorted(range(ROWS), key=lambda i: rows[i])
+    sorted_ids, sorted_rows = ids[by_adapter], [rows[i] for i in by_adapter]
+
+    def routed_sorted():
+        with lorazoo.route(ours, sorted_rows):
+            return ours(sorted_ids)
+
     def sub_batches():
         out = None
         for name, idx in groups.items():
@@ -134,10 +143,18 @@ def main() -> None:
         got, ref = routed(), sub_batches()
         scale = float(ref.abs().max())
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * scale), "routed rows differ from sub-batches"
+        got = routed_sorted()
+        assert torch.allclose(got, ref[by_adapter], rtol=1e-4, atol=1e-5 * scale), "sorted rows differ"
         if twin is not None:
             assert torch.allclose(twin[1](ids), ref, rtol=1e-4, atol=1e-5 * scale), "PEFT rows differ"
 
-    cases = {"base": lambda: base(ids), "uniform": uniform, "routed": routed, "sub-batches": sub_batches}
+    cases = {
+        "base": lambda: base(ids),
+        "uniform": uniform,
+        "routed": routed,
+        "routed, sorted": routed_sorted,
+        "sub-batches": sub_batches,
+    }
     if twin is not None:
         cases["PEFT routed"] = lambda: twin[1](ids)
     with torch.no_grad():

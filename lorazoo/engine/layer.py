@@ -108,6 +108,16 @@ def _fast_applies(adapter: Variant, x: Tensor, y: Tensor) -> bool:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class Route:
+    """One adapter's rows in a routed batch: their indices, and ``(start, stop)`` when they are
+    one contiguous run (then read and written as slices, without gathers)."""
+
+    adapter: Variant
+    rows: Tensor
+    span: tuple[int, int] | None = None
+
+
 @dataclass
 class MergeState:
     """What a host remembers while adapters are merged into its weight."""
@@ -153,8 +163,9 @@ class AdaptedLinear(nn.Module):
         self._run: tuple[Variant, ...] = ()  # adapters the forward applies
         self._fusable: frozenset[Variant] = frozenset()  # those that may take the fused path
         self._solo: Variant | None = None  # the only adapter run, when it overrides ``output``
-        # While a batch is routed (lorazoo.route): its row count and (adapter, row indices)
-        self._routes: tuple[int, tuple[tuple[Variant, Tensor], ...]] | None = None
+        # While a batch is routed (lorazoo.route): its row count and, per adapter, its row
+        # indices and (start, stop) when those rows are one contiguous run
+        self._routes: tuple[int, tuple[Route, ...]] | None = None
         self.register_load_state_dict_post_hook(_ignore_missing_adapter_keys)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -224,28 +235,33 @@ class AdaptedLinear(nn.Module):
                 flat.addmm_(h, adapter.lora_B.t(), alpha=adapter.scale)
         return out
 
-    def set_routes(self, rows: int | None, routes: Sequence[tuple[str, Tensor]] = ()) -> None:
-        """Route a batch of ``rows`` rows: each ``(adapter name, row indices)`` applies that
-        adapter to those rows only, whatever the active set; rows in no route get the base
-        output. ``rows=None`` ends routing. Used by :func:`lorazoo.route`."""
+    def set_routes(
+        self, rows: int | None, routes: Sequence[tuple[str, Tensor, tuple[int, int] | None]] = ()
+    ) -> None:
+        """Route a batch of ``rows`` rows: each ``(adapter name, row indices, span)`` applies
+        that adapter to those rows only, whatever the active set (``span`` is ``(start, stop)``
+        when the rows are one contiguous run, else None); rows in no route get the base output.
+        ``rows=None`` ends routing. Used by :func:`lorazoo.route`."""
         if rows is None:
             self._routes = None
             return
         if self.merged is not None:
             raise MergeError("cannot route a batch through merged adapters; unmerge first")
-        self._routes = (rows, tuple((self.adapters[n], idx) for n, idx in routes if n in self.adapters))
+        self._routes = (
+            rows,
+            tuple(Route(self.adapters[n], idx, span) for n, idx, span in routes if n in self.adapters),
+        )
 
     def _routed(
         self,
         x: Tensor,
         y: Tensor,
-        terms: Callable[
-            [Sequence[tuple[Variant, Tensor]], Tensor, Tensor], Iterator[tuple[Tensor, Tensor, float]]
-        ],
+        terms: Callable[[Sequence[Route], Tensor, Tensor], Iterator[tuple[Tensor, Tensor, float]]],
         min_dim: int,
     ) -> Tensor:
         """The routed output: the base output plus, for each route, the adapter's contribution
-        on its rows (``terms(routes, x, y)`` yields ``(rows, c, alpha)``), added at those rows.
+        on its rows. ``terms(routes, x, y)`` yields ``(rows, c, alpha)`` to be added at those rows
+        (and may add a route into ``y`` itself instead).
 
         Routes cover disjoint rows, so each adds into ``y`` in place (``y`` is fresh and the base
         product's backward does not need it): a route reads only its own rows, which no earlier
@@ -257,43 +273,57 @@ class AdaptedLinear(nn.Module):
                 f"the routed batch has {rows} rows, but this layer's input has shape "
                 f"{tuple(x.shape)}: the first dimension must be the batch the routes were made for"
             )
-        on_device = [(a, idx.to(y.device)) for a, idx in routes]
+        on_device = [Route(r.adapter, r.rows.to(y.device), r.span) for r in routes]
         for idx, c, alpha in terms(on_device, x, y):
             y.index_add_(0, idx, c.to(y.dtype), alpha=alpha)
         return y
 
     def _route_terms(
-        self, routes: Sequence[tuple[Variant, Tensor]], x: Tensor, y: Tensor
+        self, routes: Sequence[Route], x: Tensor, y: Tensor
     ) -> Iterator[tuple[Tensor, Tensor, float]]:
         """Each route's contribution. Plain low-rank adapters without active dropout share one
-        product with their stacked ``A`` factors over the whole batch (``r``-wide per adapter,
-        so only ``r``-wide rows are gathered, not the input's), then ``B·h`` on their rows, the
-        scale applied by the add as in the fused forward. Any other adapter runs its own forward
-        on its rows of the input and of the base output."""
+        product with their stacked ``A`` factors over the whole batch, so only ``r``-wide rows
+        are gathered, not the input's; then ``B·h`` on their rows with the scale applied by the
+        add, as in the fused forward. A route whose rows are one contiguous run is accumulated
+        straight into its slice of the output by the matmul (``addmm_``), as an unrouted layer
+        is. Any other adapter runs its own forward on its rows of the input and base output."""
+        d_out = self.out_features
         plain = [
-            (a, idx)
-            for a, idx in routes
-            if fusable(type(a))
-            and _fast_applies(a, x, y)
-            and (isinstance(a.dropout, nn.Identity) or not a.training)
+            r
+            for r in routes
+            if fusable(type(r.adapter))
+            and _fast_applies(r.adapter, x, y)
+            and (isinstance(r.adapter.dropout, nn.Identity) or not r.adapter.training)
         ]
-        if len(plain) > 1:
-            h_all = F.linear(x, torch.cat([a.lora_A for a, _ in plain]))
+        stacked = plain if len(plain) > 1 else []
+        if stacked:
+            h_all = F.linear(x, torch.cat([r.adapter.lora_A for r in stacked]))
             start = 0
-            for a, idx in plain:
-                r = a.lora_A.shape[0]
-                h = h_all.index_select(0, idx)[..., start : start + r]
-                start += r
-                yield idx, F.linear(h, a.lora_B), a.scale
-        stacked = {id(a) for a, _ in plain} if len(plain) > 1 else set()
-        for a, idx in routes:
-            if id(a) in stacked:
+            for r in stacked:
+                a, width = r.adapter, r.adapter.lora_A.shape[0]
+                cols = slice(start, start + width)
+                start += width
+                if r.span is not None:
+                    h = h_all[r.span[0] : r.span[1], ..., cols].reshape(-1, width)
+                    y[r.span[0] : r.span[1]].view(-1, d_out).addmm_(h, a.lora_B.t(), alpha=a.scale)
+                else:
+                    yield r.rows, F.linear(h_all.index_select(0, r.rows)[..., cols], a.lora_B), a.scale
+        done = {id(r) for r in stacked}
+        for r in routes:
+            if id(r) in done:
                 continue
-            xr = x.index_select(0, idx)
+            a = r.adapter
+            xr = x[r.span[0] : r.span[1]] if r.span is not None else x.index_select(0, r.rows)
             if fusable(type(a)) and _fast_applies(a, xr, y):
-                yield idx, F.linear(F.linear(a.dropout(xr), a.lora_A), a.lora_B), a.scale
+                h = F.linear(a.dropout(xr), a.lora_A)
+                if r.span is not None:
+                    y[r.span[0] : r.span[1]].view(-1, d_out).addmm_(
+                        h.reshape(-1, h.shape[-1]), a.lora_B.t(), alpha=a.scale
+                    )
+                    continue
+                yield r.rows, F.linear(h, a.lora_B), a.scale
             else:
-                yield idx, a(xr, y.index_select(0, idx), self), 1.0
+                yield r.rows, a(xr, y.index_select(0, r.rows), self), 1.0
 
     def _refuse_training_while_merged(self) -> None:
         assert self.merged is not None
@@ -495,10 +525,10 @@ class AdaptedEmbedding(AdaptedLinear):
         return out
 
     def _route_terms(
-        self, routes: Sequence[tuple[Variant, Tensor]], ids: Tensor, y: Tensor
+        self, routes: Sequence[Route], ids: Tensor, y: Tensor
     ) -> Iterator[tuple[Tensor, Tensor, float]]:
-        for a, idx in routes:
-            yield idx, self._contribution(a, ids.index_select(0, idx)), 1.0
+        for r in routes:
+            yield r.rows, self._contribution(r.adapter, ids.index_select(0, r.rows)), 1.0
 
     def _contribution(self, adapter: Variant, ids: Tensor) -> Tensor:
         """``s·Aᵀ[ids]·Bᵀ`` from the adapter's low-rank form, in the adapter dtype."""

@@ -26,7 +26,8 @@ def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
     ``rows`` has one entry per batch row: the first dimension of every adapted layer's input
     (token ids for an embedding) must equal ``len(rows)``. A layer that does not carry the
     adapter a row names gives that row the base output, as it would with that adapter active.
-    Each adapter's contribution is computed once, on its rows only; gradients flow as usual,
+    Each adapter's contribution is computed once, on its rows only (a batch sorted by adapter
+    is routed through slices, without gathering rows); gradients flow as usual,
     so a mixed batch can also be trained on. Merged adapters cannot be routed (their update is
     in the weights for every row): unmerge first. Merging inside the block is refused, and
     blocks do not nest.
@@ -67,7 +68,9 @@ def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
     for i, n in enumerate(names):
         if n is not None:
             groups.setdefault(n, []).append(i)
-    routes = [(n, torch.tensor(idx, dtype=torch.long, device=device)) for n, idx in groups.items()]
+    routes = [
+        (n, torch.tensor(idx, dtype=torch.long, device=device), _span(idx)) for n, idx in groups.items()
+    ]
     try:
         for _, host in layers:
             host.set_routes(len(names), routes)
@@ -75,3 +78,9 @@ def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
     finally:
         for _, host in layers:
             host.set_routes(None)
+
+
+def _span(rows: list[int]) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``rows`` (ascending) are one contiguous run: a batch sorted by
+    adapter is then routed through slices, with no gathers."""
+    return (rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else None
