@@ -317,3 +317,49 @@ def test_default_output_is_base_plus_contribution():
         out = LowRankAdapter.output(a, x, y, host)
         assert out.dtype == torch.bfloat16
         assert torch.equal(out, general_forward(host, x))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_with_fp32_adapters_keeps_the_half_input_and_the_same_gradients(dtype):
+    """fp32 adapters on a half-precision base (the default) take the general path's exact
+    operations, forward and backward, but backward keeps the half-precision input (shared by
+    adapters on the same input) instead of one fp32 copy per adapter."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"q": nn.Linear(24, 20, dtype=dtype), "k": nn.Linear(24, 20, dtype=dtype)})
+    lorazoo.inject(model, "lora", targets=nn.Linear, r=4, alpha=8.0)
+    lorazoo.testing.perturb(model, 0)
+    x = torch.randn(6, 24).to(dtype).requires_grad_()
+    gout = torch.randn(6, 20).to(dtype)
+
+    def run(general: bool):
+        for p in [*model.parameters(), x]:
+            p.grad = None
+        outs = []
+        for host in model.values():
+            outs.append(general_forward(host, x) if general else host(x))
+        (outs[0] * gout + outs[1] * gout).float().sum().backward()
+        adapters = [h.adapters["default"] for h in model.values()]
+        return outs, [x.grad.clone()] + [t.grad.clone() for a in adapters for t in (a.lora_A, a.lora_B)]
+
+    fast_out, fast_grads = run(False)
+    ref_out, ref_grads = run(True)
+    for a, b in zip(fast_out + fast_grads, ref_out + ref_grads, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    x_bytes = x.numel() * x.element_size()
+    fast = _saved_bytes(lambda: [h(x) for h in model.values()])
+    ref = _saved_bytes(lambda: [general_forward(h, x) for h in model.values()])
+    # the general path keeps an fp32 copy of x per adapter; the cast path keeps x itself, once
+    assert ref - fast == 2 * (2 * x_bytes) - x_bytes, (ref, fast, x_bytes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,50 @@ def _fast_applies(adapter: Variant, x: Tensor, y: Tensor) -> bool:
         and y.is_contiguous()
         and not torch.is_autocast_enabled(y.device.type)
     )
+
+
+def _keeps_input(adapter: Variant, x: Tensor, y: Tensor) -> bool:
+    """A plain low-rank adapter in another dtype than the layer (fp32 adapters on a bf16 or fp16
+    base, the default), without active dropout or autocast: :class:`_CastLowRank` applies."""
+    A = adapter.lora_A
+    return (
+        A.dtype != x.dtype
+        and A.device == x.device
+        and (isinstance(adapter.dropout, nn.Identity) or not adapter.training)
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+class _CastLowRank(torch.autograd.Function):
+    """``(s·B·A·x.to(A.dtype)).to(out_dtype)``, the general path of a plain low-rank adapter
+    whose dtype differs from the layer's, with the same operations and so the same bits, forward
+    and backward. What differs is what backward keeps: the input ``x`` in its own (half) dtype,
+    cast again when needed, instead of autograd's adapter-dtype copy of it. That copy is twice
+    the size of ``x``, and every adapter on the same input (q, k and v) made its own, where
+    ``x`` itself is one tensor that all of them share."""
+
+    @staticmethod
+    def forward(ctx: Any, x, A, B, scale, out_dtype):  # type: ignore[override]
+        h = F.linear(x.to(A.dtype), A)
+        ctx.save_for_backward(x, A, B, h)
+        ctx.scale = scale
+        return (F.linear(h, B) * scale).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        x, A, B, h = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        gs = grad.to(A.dtype) * ctx.scale  # the gradient of F.linear(h, B), as autograd forms it
+        gx = ga = gb = None
+        if need_b:
+            gb = gs.reshape(-1, gs.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+        if need_x or need_a:
+            gh = gs @ B
+            if need_a:
+                ga = gh.reshape(-1, gh.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(A.dtype)
+            if need_x:
+                gx = (gh @ A).to(x.dtype)
+        return gx, ga, gb, None, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,6 +266,8 @@ class AdaptedLinear(nn.Module):
         for adapter in self._run:
             if adapter in self._fusable and _fast_applies(adapter, x, y):
                 fast.append(adapter)
+            elif adapter in self._fusable and _keeps_input(adapter, x, y):
+                out = out + _CastLowRank.apply(x, adapter.lora_A, adapter.lora_B, adapter.scale, y.dtype)
             else:
                 out = out + adapter(x, y, self).to(y.dtype)
         if fast:
