@@ -10,7 +10,7 @@ child) and put back by eject.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +161,29 @@ class Route:
     rows: Tensor
     span: tuple[int, int] | None = None
 
+    def take(self, t: Tensor) -> Tensor:
+        """The route's rows of ``t``: a slice (a view) for a contiguous run, else a gather."""
+        return t[self.span[0] : self.span[1]] if self.span is not None else t.index_select(0, self.rows)
+
+
+def _add_rows(y: Tensor, route: Route, c: Tensor, alpha: float = 1.0) -> None:
+    """``y[rows] += alpha·c`` in place."""
+    c = c.to(y.dtype)
+    if route.span is not None:
+        y[route.span[0] : route.span[1]].add_(c, alpha=alpha)
+    else:
+        y.index_add_(0, route.rows, c, alpha=alpha)
+
+
+def _addmm_rows(y: Tensor, route: Route, h: Tensor, B: Tensor, alpha: float) -> None:
+    """``y[rows] += alpha·h·Bᵀ``; into a contiguous run of rows the matmul accumulates itself,
+    as the fused forward does."""
+    if route.span is not None:
+        rows = y[route.span[0] : route.span[1]].view(-1, y.shape[-1])
+        rows.addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=alpha)
+    else:
+        y.index_add_(0, route.rows, F.linear(h, B), alpha=alpha)
+
 
 @dataclass
 class MergeState:
@@ -254,7 +277,7 @@ class AdaptedLinear(nn.Module):
         if self.merged is not None and self.training and torch.is_grad_enabled():
             self._refuse_training_while_merged()
         if self._routes is not None:
-            return self._routed(x, y, self._route_terms, 2)
+            return self._routed(x, y)
         if not self._run:
             return y
         if self._solo is not None:
@@ -266,10 +289,8 @@ class AdaptedLinear(nn.Module):
         for adapter in self._run:
             if adapter in self._fusable and _fast_applies(adapter, x, y):
                 fast.append(adapter)
-            elif adapter in self._fusable and _keeps_input(adapter, x, y):
-                out = out + _CastLowRank.apply(x, adapter.lora_A, adapter.lora_B, adapter.scale, y.dtype)
             else:
-                out = out + adapter(x, y, self).to(y.dtype)
+                out = out + self._unfused(adapter, x, y)
         if fast:
             # Only now may the output be changed in place: general adapters above saw the base
             # output unchanged (and may have saved it for backward); ``out`` is either their
@@ -298,42 +319,40 @@ class AdaptedLinear(nn.Module):
             tuple(Route(self.adapters[n], idx, span) for n, idx, span in routes if n in self.adapters),
         )
 
-    def _routed(
-        self,
-        x: Tensor,
-        y: Tensor,
-        terms: Callable[[Sequence[Route], Tensor, Tensor], Iterator[tuple[Tensor, Tensor, float]]],
-        min_dim: int,
-    ) -> Tensor:
+    def _unfused(self, adapter: Variant, x: Tensor, y: Tensor) -> Tensor:
+        """An adapter's contribution off the fused path, in the output dtype: a plain low-rank
+        adapter in another dtype than the layer through :class:`_CastLowRank`, any other
+        through its own ``forward`` (which sees ``y``, the base output, unchanged)."""
+        if fusable(type(adapter)) and _keeps_input(adapter, x, y):
+            return _CastLowRank.apply(x, adapter.lora_A, adapter.lora_B, adapter.scale, y.dtype)
+        return adapter(x, y, self).to(y.dtype)
+
+    _min_route_dim = 2  # a routed input has a batch dimension before the features
+
+    def _routed(self, x: Tensor, y: Tensor) -> Tensor:
         """The routed output: the base output plus, for each route, the adapter's contribution
-        on its rows. ``terms(routes, x, y)`` yields ``(rows, c, alpha)`` to be added at those rows
-        (and may add a route into ``y`` itself instead).
+        on its rows (:meth:`_add_routes`).
 
         Routes cover disjoint rows, so each adds into ``y`` in place (``y`` is fresh and the base
         product's backward does not need it): a route reads only its own rows, which no earlier
         route has touched, and the output is never copied whole."""
         assert self._routes is not None
         rows, routes = self._routes
-        if x.dim() < min_dim or x.shape[0] != rows:
+        if x.dim() < self._min_route_dim or x.shape[0] != rows:
             raise RoutingError(
                 f"the routed batch has {rows} rows, but this layer's input has shape "
                 f"{tuple(x.shape)}: the first dimension must be the batch the routes were made for"
             )
-        on_device = [Route(r.adapter, r.rows.to(y.device), r.span) for r in routes]
-        for idx, c, alpha in terms(on_device, x, y):
-            y.index_add_(0, idx, c.to(y.dtype), alpha=alpha)
+        self._add_routes([Route(r.adapter, r.rows.to(y.device), r.span) for r in routes], x, y)
         return y
 
-    def _route_terms(
-        self, routes: Sequence[Route], x: Tensor, y: Tensor
-    ) -> Iterator[tuple[Tensor, Tensor, float]]:
-        """Each route's contribution. Plain low-rank adapters without active dropout share one
-        product with their stacked ``A`` factors over the whole batch, so only ``r``-wide rows
-        are gathered, not the input's; then ``B·h`` on their rows with the scale applied by the
-        add, as in the fused forward. A route whose rows are one contiguous run is accumulated
-        straight into its slice of the output by the matmul (``addmm_``), as an unrouted layer
-        is. Any other adapter runs its own forward on its rows of the input and base output."""
-        d_out = self.out_features
+    def _add_routes(self, routes: Sequence[Route], x: Tensor, y: Tensor) -> None:
+        """Add each route's contribution at its rows of ``y``. Plain low-rank adapters without
+        active dropout share one product with their stacked ``A`` factors over the whole batch,
+        so only ``r``-wide rows are gathered, not the input's; then ``B·h`` on their rows,
+        accumulated by the matmul into a contiguous run of rows (:func:`_addmm_rows`). Any other
+        adapter computes its contribution (:meth:`_unfused`) on its rows of the input and of a
+        copy of the base output."""
         plain = [
             r
             for r in routes
@@ -347,29 +366,17 @@ class AdaptedLinear(nn.Module):
             start = 0
             for r in stacked:
                 a, width = r.adapter, r.adapter.lora_A.shape[0]
-                cols = slice(start, start + width)
+                _addmm_rows(y, r, r.take(h_all)[..., start : start + width], a.lora_B, a.scale)
                 start += width
-                if r.span is not None:
-                    h = h_all[r.span[0] : r.span[1], ..., cols].reshape(-1, width)
-                    y[r.span[0] : r.span[1]].view(-1, d_out).addmm_(h, a.lora_B.t(), alpha=a.scale)
-                else:
-                    yield r.rows, F.linear(h_all.index_select(0, r.rows)[..., cols], a.lora_B), a.scale
         done = {id(r) for r in stacked}
         for r in routes:
             if id(r) in done:
                 continue
-            a = r.adapter
-            xr = x[r.span[0] : r.span[1]] if r.span is not None else x.index_select(0, r.rows)
+            a, xr = r.adapter, r.take(x)
             if fusable(type(a)) and _fast_applies(a, xr, y):
-                h = F.linear(a.dropout(xr), a.lora_A)
-                if r.span is not None:
-                    y[r.span[0] : r.span[1]].view(-1, d_out).addmm_(
-                        h.reshape(-1, h.shape[-1]), a.lora_B.t(), alpha=a.scale
-                    )
-                    continue
-                yield r.rows, F.linear(h, a.lora_B), a.scale
+                _addmm_rows(y, r, F.linear(a.dropout(xr), a.lora_A), a.lora_B, a.scale)
             else:
-                yield r.rows, a(xr, y.index_select(0, r.rows), self), 1.0
+                _add_rows(y, r, self._unfused(a, xr, y.index_select(0, r.rows)))
 
     def _refuse_training_while_merged(self) -> None:
         assert self.merged is not None
@@ -564,17 +571,17 @@ class AdaptedEmbedding(AdaptedLinear):
         if self.merged is not None and self.training and torch.is_grad_enabled():
             self._refuse_training_while_merged()
         if self._routes is not None:
-            return self._routed(ids, y, self._route_terms, 1)
+            return self._routed(ids, y)
         out = y
         for adapter in self._run:
             out = out + self._contribution(adapter, ids).to(y.dtype)
         return out
 
-    def _route_terms(
-        self, routes: Sequence[Route], ids: Tensor, y: Tensor
-    ) -> Iterator[tuple[Tensor, Tensor, float]]:
+    _min_route_dim = 1  # a routed batch of ids may have one id per row
+
+    def _add_routes(self, routes: Sequence[Route], ids: Tensor, y: Tensor) -> None:
         for r in routes:
-            yield r.rows, self._contribution(r.adapter, ids.index_select(0, r.rows)), 1.0
+            _add_rows(y, r, self._contribution(r.adapter, r.take(ids)))
 
     def _contribution(self, adapter: Variant, ids: Tensor) -> Tensor:
         """``s·Aᵀ[ids]·Bᵀ`` from the adapter's low-rank form, in the adapter dtype."""
