@@ -293,16 +293,14 @@ def finish_output(
     operations and added in ``y``'s dtype, bit for bit what the general path gives. At ``k = 1``
     and ``B = 0`` every added term is an exact zero."""
     d_out, r = B.shape
-    xa = x.to(A.dtype)
-    h = F.linear(xa, A)
-    Bk = B * (k * scale).unsqueeze(1)
+    h = F.linear(x.to(A.dtype), A)
+    Bk, b = _folded(B, k, bias, scale)  # b = −(k − 1) ⊙ bias = (1 − k) ⊙ bias
     if y.dtype == A.dtype and y.is_contiguous():
         y.mul_(k)
         y.view(-1, d_out).addmm_(h.reshape(-1, r), Bk.T)
-        if bias is not None:
-            y.add_((1 - k) * bias.to(k.dtype))
+        if b is not None:
+            y.add_(b)
     else:
-        b = None if bias is None else -(k - 1) * bias.to(k.dtype)
         y.add_(F.linear(h, Bk, b).addcmul_(y, k - 1).to(y.dtype))
     return h
 
