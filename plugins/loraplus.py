@@ -55,11 +55,6 @@ class LoraPlusConfig(lorazoo.VariantConfig):
         )
 
 
-def _on_embedding(layer: lorazoo.LayerInfo) -> bool:
-    """Whether the adapted layer is an embedding (``nn.Embedding``)."""
-    return layer.kind == "embedding"
-
-
 class LoRAPlus(lorazoo.LowRankAdapter):
     name = "loraplus"
     config_class = LoraPlusConfig
@@ -71,7 +66,7 @@ class LoRAPlus(lorazoo.LowRankAdapter):
 
     def __init__(self, layer: lorazoo.LayerInfo, config: LoraPlusConfig, shared: nn.Module | None = None):
         super().__init__(layer, config, shared)
-        self.on_embedding = _on_embedding(layer)
+        self.on_embedding = layer.kind == "embedding"
 
     @classmethod
     def param_groups(
