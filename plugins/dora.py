@@ -164,6 +164,74 @@ def row_norms(
     return torch.sqrt(torch.where(n2 > 0, n2, torch.zeros_like(n2)))
 
 
+def _qb_times_weight(qB: Tensor, weight: Tensor) -> Tensor:
+    """``(q ⊙_row B)ᵀ·W`` (``r × d_in``) in ``qB``'s dtype; a weight of another dtype is cast in
+    row chunks, so no full-size copy of it exists at once."""
+    w = weight.detach()
+    if w.dtype == qB.dtype:
+        return qB.T @ w
+    out = qB.new_zeros(qB.shape[1], w.shape[1])
+    for s in _chunks(w):
+        out.addmm_(qB[s].T, w[s].to(qB.dtype))
+    return out
+
+
+def row_norm_grads(
+    weight: Tensor, A: Tensor, B: Tensor, scale: float, n: Tensor, g: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(∂A, ∂B)`` of ``Σ_i g_i·n_i`` with ``n = ‖W + s·B·A‖_row``, without forming
+    ``V = W + s·B·A``: with ``q = g / n`` (0 on rows where ``n = 0``, as :func:`row_norms`'
+    autograd gives), ``∂B = s·q ⊙_row (W·Aᵀ + s·B·(A·Aᵀ))`` and
+    ``∂A = s·((q ⊙_row B)ᵀ·W + s·(Bᵀ·(q ⊙_row B))·A)``. Computed in ``n``'s dtype, returned in
+    the factors' dtypes."""
+    acc = n.dtype
+    a, b = A.detach().to(acc), B.detach().to(acc)
+    q = torch.where(n > 0, g.to(acc) / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+    qB = b * q.unsqueeze(1)
+    gB = scale * (q.unsqueeze(1) * (_weight_times_at(weight, a) + scale * (b @ (a @ a.T))))
+    gA = scale * (_qb_times_weight(qB, weight) + scale * ((b.T @ qB) @ a))
+    return gA.to(A.dtype), gB.to(B.dtype)
+
+
+def _traced_row_norms(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    return row_norms(weight, A, B, scale)
+
+
+if hasattr(torch.library, "custom_op"):
+    # Under torch.compile the norm is one opaque operator: its cancellation guard branches on
+    # the data, which a traced graph cannot, and its gradient (when the norm is not detached)
+    # is :func:`row_norm_grads`, which keeps no weight-sized tensor for backward.
+    @torch.library.custom_op("lorazoo_dora::row_norms", mutates_args=())
+    def _row_norms_op(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+        with torch.no_grad():
+            return row_norms(weight, A, B, scale)
+
+    @_row_norms_op.register_fake
+    def _(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+        return weight.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+
+    def _row_norms_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        weight, A, B, scale = inputs
+        ctx.save_for_backward(weight, A, B, output)
+        ctx.scale = scale
+
+    def _row_norms_backward(ctx: Any, g: Tensor) -> tuple:
+        weight, A, B, n = ctx.saved_tensors
+        gA, gB = row_norm_grads(weight, A, B, ctx.scale, n, g)
+        return None, gA, gB, None
+
+    _row_norms_op.register_autograd(_row_norms_backward, setup_context=_row_norms_setup)
+    _traced_row_norms = _row_norms_op  # noqa: F811
+else:  # older torch: run the norm eagerly (a graph break, with autograd's gradient)
+    _traced_row_norms = torch._dynamo.disable(row_norms)  # noqa: F811
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces the forward."""
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
 def magnitude_scale(m: Tensor, n: Tensor) -> Tensor:
     """``k = m / n`` in ``m``'s dtype, with ``k = 1`` on rows whose direction is zero (every
     ``k`` gives the same output there; 1 keeps it finite and its gradient defined)."""
@@ -366,7 +434,8 @@ class DoRA(lorazoo.LowRankAdapter):
 
     def __init__(self, layer: lorazoo.LayerInfo, config: DoraConfig, shared: nn.Module | None = None):
         super().__init__(layer, config, shared)
-        # slot -> (weakref to the base weight, key, value); see _base_key
+        # slot -> (weakref to the base weight, key, value); see _base_key. Derived values only:
+        # copies and pickles start without it (__getstate__).
         self._cache: dict[str, tuple] = {}
         with torch.no_grad():
             n = self._norm(layer.weight)
@@ -382,13 +451,25 @@ class DoRA(lorazoo.LowRankAdapter):
     def num_trainable(cls, d_in: int, d_out: int, config: lorazoo.VariantConfig) -> int:
         return config.r * (d_in + d_out) + d_out
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The cache holds weak references (which cannot be pickled) to the live base weight;
+        # a copy recomputes its values from its own weight.
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
     # ---- norms ----------------------------------------------------------------------------
 
-    def _base_key(self, weight: Tensor) -> tuple:
+    def _base_key(self, weight: Tensor) -> tuple | None:
         """What identifies the contents of the host's base weight: its storage, version counter
         (which every in-place change moves, the engine's merges and base rewrites included),
         dtype, device and layout. The entry holds the weight weakly and checks it is the same
-        object, so a freed weight's address cannot be mistaken for a live one."""
+        object, so a freed weight's address cannot be mistaken for a live one.
+
+        None (nothing is cached) when the weight or a factor was made under
+        ``torch.inference_mode()``: such tensors have no version counter to key on."""
+        if any(t.is_inference() for t in (weight, self.lora_A, self.lora_B)):
+            return None
         return (
             weight.data_ptr(),
             weight._version,
@@ -398,16 +479,17 @@ class DoRA(lorazoo.LowRankAdapter):
             weight.stride(),
         )
 
-    def _cached(self, slot: str, key: tuple, weight: Tensor) -> Tensor | None:
+    def _cached(self, slot: str, key: tuple | None, weight: Tensor) -> Tensor | None:
         entry = self._cache.get(slot)
-        if entry is not None and entry[0]() is weight and entry[1] == key:
+        if key is not None and entry is not None and entry[0]() is weight and entry[1] == key:
             return entry[2]
         return None
 
-    def _store(self, slot: str, key: tuple, weight: Tensor, value: Tensor) -> None:
-        self._cache[slot] = (weakref.ref(weight), key, value)
+    def _store(self, slot: str, key: tuple | None, weight: Tensor, value: Tensor) -> None:
+        if key is not None:
+            self._cache[slot] = (weakref.ref(weight), key, value)
 
-    def _wsq(self, weight: Tensor, base: tuple) -> Tensor:
+    def _wsq(self, weight: Tensor, base: tuple | None) -> Tensor:
         """``‖W_i‖²`` of the host's base weight, computed once per weight version."""
         wsq = self._cached("wsq", base, weight)
         if wsq is None:
@@ -418,9 +500,13 @@ class DoRA(lorazoo.LowRankAdapter):
     def _detached_norm(self, weight: Tensor) -> Tensor:
         """``n`` without gradient, recomputed only when the base weight or a factor changed
         (every optimizer step bumps the factors' version counters; inference reuses it)."""
-        base = self._base_key(weight)
         A, B = self.lora_A, self.lora_B
-        key = (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
+        if _compiling():
+            # A traced graph cannot key a cache on storage addresses and version counters; the
+            # norm is one operator of the graph, computed every call.
+            return _traced_row_norms(weight.detach(), A.detach(), B.detach(), self.scale)
+        base = self._base_key(weight)
+        key = None if base is None else (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
         n = self._cached("norm", key, weight)
         if n is None:
             wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None
@@ -448,6 +534,8 @@ class DoRA(lorazoo.LowRankAdapter):
         off while training."""
         if self.config.detach_norm or not torch.is_grad_enabled():
             n = self._detached_norm(weight)
+        elif _compiling():
+            n = _traced_row_norms(weight.detach(), self.lora_A, self.lora_B, self.scale)
         else:
             base = self._base_key(weight)
             wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None
@@ -459,10 +547,13 @@ class DoRA(lorazoo.LowRankAdapter):
         base output (:func:`finish_output`), whose result backward keeps instead of a separate
         copy of ``W x``. Dropout in training, autocast, adapters on another device and, when
         training, a ``k`` that :func:`recoverable` rejects take the general path,
-        ``base_out + forward(...)``."""
+        ``base_out + forward(...)``. So does a forward traced by ``torch.compile``: the traced
+        graph is functional (no output finished in place), and :func:`recoverable` is a branch
+        on the data."""
         A = self.lora_A
         if (
-            (self.training and self.config.dropout > 0)
+            _compiling()
+            or (self.training and self.config.dropout > 0)
             or A.device != base_out.device
             or torch.is_autocast_enabled(base_out.device.type)
         ):

@@ -245,7 +245,10 @@ class AdaptedLinear(nn.Module):
         merged = self.merged.names if self.merged else ()
         self._run = tuple(self.adapters[n] for n in self.active if n not in merged)
         self._fusable = frozenset(a for a in self._run if fusable(type(a)))
-        self._solo = self._run[0] if len(self._run) == 1 and owns_output(type(self._run[0])) else None
+        solo = self._run[0] if len(self._run) == 1 and owns_output(type(self._run[0])) else None
+        # A plain attribute, not a second registration of the child ``adapters.<name>`` (which
+        # would repeat its tensors in the state dict under ``_solo.``).
+        object.__setattr__(self, "_solo", solo)
 
     def add_adapter(self, name: str, adapter: Variant, active: bool = True) -> None:
         if name in self.adapters:
