@@ -506,7 +506,9 @@ class DoRA(lorazoo.LowRankAdapter):
             # norm is one operator of the graph, computed every call.
             return _traced_row_norms(weight.detach(), A.detach(), B.detach(), self.scale)
         base = self._base_key(weight)
-        key = None if base is None else (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
+        key = (
+            None if base is None else (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
+        )
         n = self._cached("norm", key, weight)
         if n is None:
             wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None
