@@ -164,33 +164,25 @@ def row_norms(
     return torch.sqrt(torch.where(n2 > 0, n2, torch.zeros_like(n2)))
 
 
-def _qb_times_weight(qB: Tensor, weight: Tensor) -> Tensor:
-    """``(q ⊙_row B)ᵀ·W`` (``r × d_in``) in ``qB``'s dtype; a weight of another dtype is cast in
-    row chunks, so no full-size copy of it exists at once."""
-    w = weight.detach()
-    if w.dtype == qB.dtype:
-        return qB.T @ w
-    out = qB.new_zeros(qB.shape[1], w.shape[1])
-    for s in _chunks(w):
-        out.addmm_(qB[s].T, w[s].to(qB.dtype))
-    return out
-
-
 def row_norm_grads(
     weight: Tensor, A: Tensor, B: Tensor, scale: float, n: Tensor, g: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(∂A, ∂B)`` of ``Σ_i g_i·n_i`` with ``n = ‖W + s·B·A‖_row``, without forming
-    ``V = W + s·B·A``: with ``q = g / n`` (0 on rows where ``n = 0``, as :func:`row_norms`'
-    autograd gives), ``∂B = s·q ⊙_row (W·Aᵀ + s·B·(A·Aᵀ))`` and
-    ``∂A = s·((q ⊙_row B)ᵀ·W + s·(Bᵀ·(q ⊙_row B))·A)``. Computed in ``n``'s dtype, returned in
-    the factors' dtypes."""
+    """``(∂A, ∂B)`` of ``Σ_i g_i·n_i`` with ``n = ‖W + s·B·A‖_row``: with ``q = g / n`` (0 on
+    rows where ``n = 0``, as :func:`row_norms`' autograd gives) and ``V = W + s·B·A``,
+    ``∂B = s·(q ⊙_row V)·Aᵀ`` and ``∂A = s·Bᵀ·(q ⊙_row V)``. ``V`` is formed one row chunk at a
+    time (never whole, and nothing weight-sized is kept), so rows where ``W ≈ −s·B·A`` get an
+    accurate gradient too. Computed in ``n``'s dtype, returned in the factors' dtypes."""
     acc = n.dtype
     a, b = A.detach().to(acc), B.detach().to(acc)
     q = torch.where(n > 0, g.to(acc) / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
-    qB = b * q.unsqueeze(1)
-    gB = scale * (q.unsqueeze(1) * (_weight_times_at(weight, a) + scale * (b @ (a @ a.T))))
-    gA = scale * (_qb_times_weight(qB, weight) + scale * ((b.T @ qB) @ a))
-    return gA.to(A.dtype), gB.to(B.dtype)
+    w = weight.detach()
+    gA = torch.zeros_like(a)
+    gB = []
+    for s in _chunks(w, whole=True):
+        qv = q[s].unsqueeze(1) * (w[s].to(acc) + scale * (b[s] @ a))
+        gB.append(scale * (qv @ a.T))
+        gA = gA.addmm(b[s].T, qv, alpha=scale)
+    return gA.to(A.dtype), (torch.cat(gB) if gB else torch.zeros_like(b)).to(B.dtype)
 
 
 def _traced_row_norms(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:

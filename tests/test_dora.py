@@ -609,3 +609,147 @@ def test_save_load_round_trip(dtype):
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(_bits(fresh(x)), _bits(y))
+
+
+# ---- state dict, pickling, inference mode, the traced norm -----------------------------------
+
+
+def _two_layers(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 24, dtype=dtype), nn.SiLU(), nn.Linear(24, 6, dtype=dtype))
+
+
+def test_state_dict_has_only_base_and_adapter_keys():
+    """The model's state dict holds the base tensors under their own keys and each adapter's
+    three tensors under ``<layer>.adapters.<name>.``, once: a base checkpoint loads with
+    ``strict=True`` and safetensors writes the state dict (no two keys share memory)."""
+    from safetensors.torch import load_file, save_file
+
+    model = _two_layers()
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    lorazoo.inject(model, "dora", targets=[nn.Linear], r=4)
+    perturb(model, 0)
+    adapter_keys = {
+        f"{layer}.adapters.default.{t}"
+        for layer in "02"
+        for t in ("lora_A", "lora_B", "lora_magnitude_vector")
+    }
+    sd = model.state_dict()
+    assert set(sd) == set(base_sd) | adapter_keys
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        y = model(x)
+        for _, host in hosts(model):
+            host.weight.mul_(2)  # so the load below has something to restore
+    result = model.load_state_dict(base_sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    result = model.load_state_dict(base_sd, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_file(model.state_dict(), str(path))
+        back = load_file(str(path))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_pickle_whole_model():
+    """``torch.save(model)`` / ``torch.load`` of a DoRA model after a forward (which fills the
+    norm cache): the loaded copy gives the same outputs and gradients, and merges and unmerges
+    exactly."""
+    import io
+
+    model = _two_layers()
+    lorazoo.inject(model, "dora", targets=[nn.Linear], r=4)
+    perturb(model, 2)
+    x = torch.randn(5, 20)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    w0 = [h.weight.detach().clone() for _, h in hosts(model)]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copy_ = torch.load(buf, weights_only=False)
+    assert all(torch.equal(_bits(h.weight), _bits(w)) for (_, h), w in zip(hosts(copy_), w0, strict=True))
+    with torch.no_grad():
+        assert torch.equal(copy_(x), y)
+        lorazoo.merge(copy_)
+        assert ((copy_(x) - y).abs() <= 1e-5 * y.abs().max()).all()
+        lorazoo.unmerge(copy_)
+    assert all(torch.equal(_bits(h.weight), _bits(w)) for (_, h), w in zip(hosts(copy_), w0, strict=True))
+    model.train(), copy_.train()
+    grads = []
+    for m in (model, copy_):
+        m(x).pow(2).sum().backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize("inject_inside", [False, True])
+def test_inference_mode_forward(inject_inside):
+    """A forward under ``torch.inference_mode()``, also after injecting under it (inference
+    tensors have no version counter to key the norm cache on), gives the eager output; and a
+    forward in inference mode leaves nothing behind that breaks training afterwards."""
+    model, ref = _two_layers(), _two_layers()
+    torch.manual_seed(1)  # the same factors in both
+    lorazoo.inject(ref, "dora", targets=[nn.Linear], r=4)
+    x = torch.randn(5, 20)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y = ref(x)
+    if inject_inside:
+        with torch.inference_mode():
+            lorazoo.inject(model, "dora", targets=[nn.Linear], r=4)
+            assert torch.equal(model(x), y)
+            assert torch.equal(model(x), y)  # a second call (the cache, if any, is not stale)
+        return
+    lorazoo.inject(model, "dora", targets=[nn.Linear], r=4)
+    perturb(model, 3), perturb(ref, 3)
+    with torch.no_grad():
+        y = ref(x)
+    with torch.inference_mode():
+        assert torch.equal(model(x), y)
+    model(x).pow(2).sum().backward()
+    ref(x).pow(2).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+
+
+def test_traced_norm_gradient():
+    """The norm operator used under ``torch.compile`` and its analytic gradient
+    (:func:`row_norm_grads`), by gradcheck in fp64, with rows where ``W ≈ −s·B·A`` (the
+    cancellation guard) and a zero row; and a bf16 weight against autograd on the fp32 copy."""
+    w, A, B = _norm_inputs(9, 7, 3, torch.float64, 2.0, 0.4, seed=1)
+    A.requires_grad_(), B.requires_grad_()
+    for method in (0, 1 << 40):  # identity, dense
+        old = D.DENSE_MAX_NUMEL
+        try:
+            D.DENSE_MAX_NUMEL = method
+            assert torch.autograd.gradcheck(lambda a, b: D._traced_row_norms(w, a, b, 2.0), (A, B))
+        finally:
+            D.DENSE_MAX_NUMEL = old
+    w0 = w.clone()
+    w0[2] = 0
+    A0, B0 = A.detach().clone().requires_grad_(), B.detach().clone()
+    B0[2] = 0
+    B0.requires_grad_()
+    n = D._traced_row_norms(w0, A0, B0, 2.0)
+    assert float(n[2]) == 0
+    g = torch.randn(7, dtype=torch.float64)
+    (n * g).sum().backward()
+    ref_A, ref_B = A0.detach().clone().requires_grad_(), B0.detach().clone().requires_grad_()
+    (D.row_norms(w0, ref_A, ref_B, 2.0) * g).sum().backward()
+    assert torch.isfinite(A0.grad).all() and torch.isfinite(B0.grad).all()
+    assert torch.allclose(A0.grad, ref_A.grad, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(B0.grad, ref_B.grad, rtol=1e-12, atol=1e-12)
+    wb = torch.randn(300, 200).to(torch.bfloat16)
+    a = (0.1 * torch.randn(4, 200)).requires_grad_()
+    b = (0.1 * torch.randn(300, 4)).requires_grad_()
+    gA, gB = D.row_norm_grads(wb, a, b, 1.5, D.row_norms(wb, a, b, 1.5).detach(), torch.ones(300))
+    a2, b2 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    torch.linalg.norm(wb.double() + 1.5 * (b2 @ a2), dim=1).sum().backward()
+    assert torch.allclose(gA.double(), a2.grad, rtol=1e-4, atol=1e-4 * float(a2.grad.abs().max()))
+    assert torch.allclose(gB.double(), b2.grad, rtol=1e-4, atol=1e-4 * float(b2.grad.abs().max()))
