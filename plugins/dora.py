@@ -376,10 +376,14 @@ class _DoraOutput(torch.autograd.Function):
     ``∂B = s·k ⊙_row P``, ``∂h = G·((s·k) ⊙_row B)``, ``∂A = ∂hᵀ·x``, ``∂x = ∂h·A``,
     ``∂b = (1 − k) ⊙ Σ_t G`` (the rest of ``b``'s gradient reaches it through ``z``).
     Callers check :func:`recoverable` first.
+
+    ``z``, the tensor finished in place, is the *first* argument: when it is a view (``F.linear``
+    returns one for a contiguous 3-d input with a bias), autograd routes the gradient of its
+    base through the first gradient ``backward`` returns.
     """
 
     @staticmethod
-    def forward(ctx: Any, x, A, B, k, z, bias, scale):  # type: ignore[override]
+    def forward(ctx: Any, z, x, A, B, k, bias, scale):  # type: ignore[override]
         h = finish_output(x, A, B, k, z, bias, scale)
         ctx.mark_dirty(z)
         ctx.save_for_backward(x, A, B, k, bias, h, z)
@@ -390,7 +394,7 @@ class _DoraOutput(torch.autograd.Function):
     def backward(ctx: Any, grad):  # type: ignore[override]
         x, A, B, k, bias, h, y = ctx.saved_tensors
         s = ctx.scale
-        need_x, need_a, need_b, need_k, need_z, need_bias = ctx.needs_input_grad[:6]
+        need_z, need_x, need_a, need_b, need_k, need_bias = ctx.needs_input_grad[:6]
         d_out = B.shape[0]
         g = grad.reshape(-1, d_out).to(A.dtype)
         gk = gz = gbias = None
@@ -405,7 +409,7 @@ class _DoraOutput(torch.autograd.Function):
             gz = (grad * k).to(y.dtype)
         if need_bias:
             gbias = ((1 - k) * g_sum).to(bias.dtype)
-        return gx, ga, gb, gk, gz, gbias, None
+        return gz, gx, ga, gb, gk, gbias, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +562,7 @@ class DoRA(lorazoo.LowRankAdapter):
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             if not recoverable(k, bias):
                 return base_out + self._contribution(x, base_out, host, k).to(base_out.dtype)
-            return _DoraOutput.apply(x, A, B, k, base_out, bias, self.scale)
+            return _DoraOutput.apply(base_out, x, A, B, k, bias, self.scale)
         with torch.no_grad():
             finish_output(x, A, B, k, base_out, bias, self.scale)
         return base_out

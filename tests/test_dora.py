@@ -467,10 +467,14 @@ def test_output_backward_is_the_gradient():
     x, A, B, k, z, b = _function_inputs()
     assert D.recoverable(k, b)
     fn = D._DoraOutput.apply
-    # z is written in place, so each evaluation gets a copy
-    assert torch.autograd.gradcheck(lambda *t: fn(*t[:4], t[4].clone(), t[5], 1.7), (x, A, B, k, z, b))
-    assert torch.autograd.gradcheck(lambda *t: fn(*t[:4], t[4].clone(), None, 0.5), (x, A, B, k, z))
-    out = fn(x, A, B, k, z.clone(), b, 1.7)
+    # z is written in place, so each evaluation gets a copy; also as a view of another tensor
+    # (what F.linear returns for a contiguous 3-d input with a bias)
+    assert torch.autograd.gradcheck(lambda *t: fn(t[4].clone(), *t[:4], t[5], 1.7), (x, A, B, k, z, b))
+    assert torch.autograd.gradcheck(lambda *t: fn(t[4].clone(), *t[:4], None, 0.5), (x, A, B, k, z))
+    view = lambda t: t.reshape(-1, t.shape[-1]).clone().view(t.shape)  # noqa: E731
+    assert view(z)._base is not None
+    assert torch.autograd.gradcheck(lambda *t: fn(view(t[4]), *t[:4], t[5], 1.7), (x, A, B, k, z, b))
+    out = fn(z.clone(), x, A, B, k, b, 1.7)
     general = z + _plain(x, A, B, k, z, b, 1.7)
     assert torch.allclose(out, general, rtol=1e-13, atol=1e-13)
 
@@ -753,3 +757,31 @@ def test_traced_norm_gradient():
     torch.linalg.norm(wb.double() + 1.5 * (b2 @ a2), dim=1).sum().backward()
     assert torch.allclose(gA.double(), a2.grad, rtol=1e-4, atol=1e-4 * float(a2.grad.abs().max()))
     assert torch.allclose(gB.double(), b2.grad, rtol=1e-4, atol=1e-4 * float(b2.grad.abs().max()))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_path_gradients_through_stacked_layers(bias):
+    """DoRA alone on two stacked square layers, 3-d input (the base output is then a view when
+    there is a bias): every gradient, the input's included, equals the general path's, which
+    runs beside an adapter that adds exactly zero (fp64)."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    solo = nn.Sequential(
+        nn.Linear(16, 16, bias=bias, dtype=dt), nn.SiLU(), nn.Linear(16, 16, bias=bias, dtype=dt)
+    )
+    lorazoo.inject(solo, "dora", targets=[nn.Linear], r=4)
+    perturb(solo, 1)
+    k_near_one(solo)
+    pair = copy.deepcopy(solo)
+    lorazoo.inject(pair, "lora", targets=[nn.Linear], r=4, name="zero")
+    assert all(h._solo is not None for _, h in hosts(solo))
+    x = torch.randn(3, 5, 16, dtype=dt, requires_grad=True)
+    grads = []
+    for m in (solo, pair):
+        x.grad = None
+        m(x).square().sum().backward()
+        named = {n: p.grad for n, p in m.named_parameters() if p.requires_grad and ".zero." not in n}
+        grads.append({"x": x.grad.clone(), **named})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 7
+    for name, g in grads[1].items():
+        assert torch.allclose(grads[0][name], g, rtol=1e-10, atol=1e-12 * float(g.abs().max())), name
