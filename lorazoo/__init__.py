@@ -31,6 +31,7 @@ from .engine import (  # noqa: E402
     trainable,
     unmerge,
 )
+from .engine.training import enable_input_grads  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterFileError,
     ConfigError,
@@ -71,6 +72,7 @@ __all__ = [
     "after_step",
     "disabled",
     "eject",
+    "enable_input_grads",
     "extra_loss",
     "hookimpl",
     "inject",

@@ -8,10 +8,12 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import LorazooError, PluginError
 from ..variant import Variant
 from .inject import adapter_names, hosts, iter_adapters
+from .layer import layer_kind
 
 
 class TrainableCount(NamedTuple):
@@ -141,3 +143,78 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for host, active in saved:
             host.set_active(active)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation checkpointing with a frozen base
+# --------------------------------------------------------------------------------------------
+
+
+def _require_grad(value: Any) -> Any:
+    """``value`` with every floating-point tensor in it (also inside tuples, lists and dicts)
+    made to require grad; tensors that already do, and all others, are returned as they are."""
+    if isinstance(value, Tensor):
+        if value.requires_grad or not (value.is_floating_point() or value.is_complex()):
+            return value
+        return value.detach().requires_grad_()
+    if isinstance(value, (tuple, list)):
+        items = [_require_grad(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((k, _require_grad(v)) for k, v in value.items())
+    return value
+
+
+def _outputs_require_grad(module: nn.Module, args: Any, output: Any) -> Any:
+    return _require_grad(output) if torch.is_grad_enabled() else None
+
+
+def _inputs_require_grad(module: nn.Module, args: Any, kwargs: Any) -> Any:
+    return (_require_grad(args), _require_grad(kwargs)) if torch.is_grad_enabled() else None
+
+
+def enable_input_grads(model: nn.Module, module: nn.Module | None = None) -> list[RemovableHandle]:
+    """Make the activations entering the model require grad, so reentrant activation
+    checkpointing works on a frozen base.
+
+    ``torch.utils.checkpoint`` with ``use_reentrant=True`` (the default of older Hugging Face
+    ``gradient_checkpointing_enable``) gives a checkpointed block's output a gradient only when
+    one of its *input tensors* requires grad; the adapter tensors inside the block do not count.
+    With the base frozen the hidden states entering the first block come from a frozen
+    embedding and require no grad, so the adapters inside every block get no gradient (or
+    backward fails with "element 0 of tensors does not require grad"). This registers forward
+    hooks that mark those activations as requiring grad (a detached alias of the same values,
+    so nothing else changes); gradients are then those of the model without checkpointing.
+
+    The hooks go on the output of ``module`` when given; else of the model's input embeddings
+    when it has ``get_input_embeddings()`` (Hugging Face models); else of every embedding layer
+    in it; and on a model without any, on the model's own floating-point inputs. They act only
+    while grad mode is on and cost one extra input gradient in backward; calling this again
+    adds none. Non-reentrant checkpointing (``use_reentrant=False``) does not need it. Returns
+    the hooks' handles (``handle.remove()`` takes one off).
+    """
+    targets: list[nn.Module] = [] if module is None else [module]
+    if not targets and callable(getattr(model, "get_input_embeddings", None)):
+        try:
+            found = model.get_input_embeddings()
+        except NotImplementedError:
+            found = None
+        targets = [found] if isinstance(found, nn.Module) else []
+    if not targets:
+        targets = [m for m in model.modules() if isinstance(m, nn.Embedding) or layer_kind(m) == "embedding"]
+    if not targets:
+        return [_hook_once(model, model._forward_pre_hooks, _inputs_require_grad)]
+    return [_hook_once(t, t._forward_hooks, _outputs_require_grad) for t in targets]
+
+
+def _hook_once(target: nn.Module, hooks: dict[int, Any], hook: Any) -> RemovableHandle:
+    """Register ``hook`` on ``target`` (a forward pre-hook for the inputs, else a forward hook)
+    unless it is already there; the handle either way."""
+    for key, registered in hooks.items():
+        if registered is hook:
+            handle = RemovableHandle(hooks)
+            handle.id = key  # the handle of the hook already there
+            return handle
+    if hook is _inputs_require_grad:
+        return target.register_forward_pre_hook(hook, with_kwargs=True)
+    return target.register_forward_hook(hook)
