@@ -189,7 +189,18 @@ def _traced_row_norms(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Ten
     return row_norms(weight, A, B, scale)
 
 
-if hasattr(torch.library, "custom_op"):
+def _registered_op() -> Any:
+    """The norm operator when this module was already imported once (under another name, or
+    reloaded): an operator name can be registered only once per process."""
+    try:
+        return torch.ops.lorazoo_dora.row_norms
+    except (AttributeError, RuntimeError):
+        return None
+
+
+if _registered_op() is not None:
+    _traced_row_norms = _registered_op()  # noqa: F811
+elif hasattr(torch.library, "custom_op"):
     # Under torch.compile the norm is one opaque operator: its cancellation guard branches on
     # the data, which a traced graph cannot, and its gradient (when the norm is not detached)
     # is :func:`row_norm_grads`, which keeps no weight-sized tensor for backward.
