@@ -677,6 +677,7 @@ def test_pickle_whole_model():
     torch.save(model, buf)
     buf.seek(0)
     copy_ = torch.load(buf, weights_only=False)
+    assert all(h._solo is h.adapters["default"] for _, h in hosts(copy_))
     assert all(torch.equal(_bits(h.weight), _bits(w)) for (_, h), w in zip(hosts(copy_), w0, strict=True))
     with torch.no_grad():
         assert torch.equal(copy_(x), y)
