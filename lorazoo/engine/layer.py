@@ -233,6 +233,9 @@ class AdaptedLinear(nn.Module):
         # While a batch is routed (lorazoo.route): its row count and, per adapter, its row
         # indices and (start, stop) when those rows are one contiguous run
         self._routes: tuple[int, tuple[Route, ...]] | None = None
+        # Inactive adapters are parked: their tensors frozen, and here, per adapter, the
+        # ``requires_grad`` each had before, given back when the adapter is active again.
+        self._parked: dict[str, dict[str, bool]] = {}
         self.register_load_state_dict_post_hook(_ignore_missing_adapter_keys)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -253,6 +256,8 @@ class AdaptedLinear(nn.Module):
         self.adapters[name] = adapter
         if active:
             self.active = (*self.active, name)
+        else:
+            self._set_parked({*self._parked, name})
         self._refresh()
 
     def remove_adapter(self, name: str) -> Variant:
@@ -261,14 +266,50 @@ class AdaptedLinear(nn.Module):
         if any(p.owner == name for p in self.patches):
             raise MergeError(f"adapter {name!r} still has a base rewrite; unpatch it first")
         adapter = self.adapters[name]
+        self._set_parked(set(self._parked) - {name})  # the adapter leaves with its own flags
         del self.adapters[name]
         self.active = tuple(n for n in self.active if n != name)
         self._refresh()
         return adapter
 
-    def set_active(self, names: Sequence[str]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
+    def set_active(self, names: Sequence[str], park: bool = True) -> None:
+        """Make ``names`` (those this layer carries) the active adapters.
+
+        With ``park`` (the default), adapters left inactive are parked: every tensor of theirs
+        gets ``requires_grad=False``, so no optimizer group, gradient hook or data-parallel
+        wrapper expects a gradient they cannot get; an adapter that becomes active again gets
+        back exactly the flags it had. ``park=False`` changes only what the forward applies
+        (:func:`lorazoo.disabled`). Tensors of a variant's shared state are not parked.
+        """
+        active = tuple(n for n in names if n in self.adapters)
+        if park:
+            self._set_parked({n for n in self.adapters if n not in active})
+        self.active = active
         self._refresh()
+
+    def parked(self) -> frozenset[str]:
+        """Names of the parked adapters (inactive, their tensors frozen: :meth:`set_active`)."""
+        return frozenset(self._parked)
+
+    def _set_parked(self, names: set[str]) -> None:
+        """Park exactly ``names``, all or nothing: on any exception the flags are as before."""
+        before = dict(self._parked)
+        flags = [(p, p.requires_grad) for a in self.adapters.values() for _, p in _own_parameters(a)]
+        try:
+            for name in [n for n in self._parked if n not in names]:
+                saved = self._parked.pop(name)
+                for pname, p in _own_parameters(self.adapters[name]):
+                    p.requires_grad_(saved.get(pname, p.requires_grad))
+            for name in [n for n in names if n not in self._parked]:
+                own = _own_parameters(self.adapters[name])
+                self._parked[name] = {pname: p.requires_grad for pname, p in own}
+                for _, p in own:
+                    p.requires_grad_(False)
+        except BaseException:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self._parked = before
+            raise
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -607,6 +648,11 @@ class AdaptedEmbedding(AdaptedLinear):
             f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
             f"active={list(self.active)}, merged={merged}"
         )
+
+
+def _own_parameters(adapter: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """An adapter's parameters, without those of state shared with other adapters."""
+    return [(n, p) for n, p in adapter.named_parameters() if not n.startswith("shared.")]
 
 
 def host_for(module: nn.Module) -> AdaptedLinear:
