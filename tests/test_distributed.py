@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,24 @@ def test_parking_survives_a_copy_and_eject_gives_the_flags_back() -> None:
     assert all(p.requires_grad for p in b.parameters())
 
 
+def test_save_and_load_through_a_data_parallel_wrapper(tmp_path: Path) -> None:
+    """A file saved from a wrapped model holds the bare model's paths (no ``module.``), loads
+    into the bare model, and loading into the wrapper returns the wrapper."""
+    model = adapt(make_model(), "lora")
+    lorazoo.testing.perturb(model, 3)
+    wrapped = nn.DataParallel(model)
+    path = lorazoo.save(wrapped, tmp_path / "a.safetensors")
+    bare = make_model()
+    lorazoo.load(bare, path)
+    with torch.no_grad():
+        assert torch.equal(bare(probe()), model(probe()))
+    assert lorazoo.load(nn.DataParallel(make_model()), path).module is not None
+    again = nn.DataParallel(adapt(make_model(), "lora"))
+    assert lorazoo.load(again, path) is again
+    with torch.no_grad():
+        assert torch.equal(again(probe()), model(probe()))
+
+
 # ---- running two processes -------------------------------------------------------------------
 
 
@@ -212,7 +231,8 @@ def spawn(scenario: str, out: Path) -> list[dict[str, Any]]:
 
 def worker_ddp(rank: int, out: Path) -> dict[str, Any]:
     """Per variant: adapters "a" (the variant) and "b" (LoRA) on the same layers, "b" inactive,
-    DistributedDataParallel with default arguments, SGD for a few steps."""
+    DistributedDataParallel with default arguments, SGD for a few steps. Then the wrapper saves
+    "a" and loads the file back into itself."""
     result: dict[str, Any] = {}
     for variant in DDP_VARIANTS:
         model = adapt(make_model(), variant, name="a")
@@ -230,12 +250,89 @@ def worker_ddp(rank: int, out: Path) -> dict[str, Any]:
             losses.append(float(loss))
         with torch.no_grad():
             y = ddp(probe())
+        path = out / f"ddp-{variant}-{rank}.safetensors"
+        lorazoo.save(ddp, path, name="a")
         trained = tensors_of(model, "a")
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.zero_()
+        assert lorazoo.load(ddp, path, name="a") is ddp
+        reloaded = tensors_of(model, "a")
         result[variant] = {
             "losses": losses,
             "a": trained,
             "b_moved": [k for k, v in tensors_of(model, "b").items() if not torch.equal(v, b0[k])],
+            "reloaded": all(torch.equal(reloaded[k], v) for k, v in trained.items()),
             "y": y,
+            "file": str(path),
+        }
+    return result
+
+
+def worker_fsdp(rank: int, out: Path) -> dict[str, Any]:
+    """Per variant: the model sharded with fully_shard (each adapted layer and the root),
+    trained a few steps; saved; merged and unmerged on the shards; and a second sharded model
+    loading the file."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lorazoo.engine.distributed import full_tensor
+
+    def shard(model: nn.Module, per_layer: bool) -> nn.Module:
+        if per_layer:  # else the root alone, which keeps its parameters whole after a forward
+            fully_shard(model[0])
+            fully_shard(model[2])
+        return fully_shard(model)
+
+    def whole_weights(model: nn.Module) -> list[torch.Tensor]:
+        return [full_tensor(h.weight).clone() for _, h in hosts(model)]
+
+    result: dict[str, Any] = {}
+    for variant in FSDP_VARIANTS:
+        per_layer = variant == "lora"
+        model = shard(adapt(make_model(), variant), per_layer)
+        opt = torch.optim.SGD(lorazoo.param_groups(model, lr=0.05))
+        for step in range(STEPS):
+            loss = model(batch(rank, step)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            y = model(probe())  # the root keeps its parameters whole after this forward
+        path = out / f"fsdp-{variant}.safetensors"
+        lorazoo.save(model, path)  # every rank: it gathers
+        before = whole_weights(model)
+        lorazoo.merge(model)
+        merged_weights = whole_weights(model)
+        with torch.no_grad():
+            y_merged = model(probe())
+        lorazoo.unmerge(model)
+        after = whole_weights(model)
+        with torch.no_grad():
+            y_after = model(probe())
+        fresh = shard(adapt(make_model(), variant), per_layer)
+        lorazoo.load(fresh, path)
+        with torch.no_grad():
+            y_loaded = fresh(probe())
+        refused = []
+        for action in (partial(lorazoo.inject, fresh, "lora", name="more"), partial(lorazoo.eject, fresh)):
+            try:
+                action()
+            except lorazoo.LorazooError as exc:
+                refused.append(str(exc))
+        with torch.no_grad():
+            y_refused = fresh(probe())
+        result[variant] = {
+            "y": y,
+            "y_merged": y_merged,
+            "y_after": y_after,
+            "y_loaded": y_loaded,
+            "merge_moved": [not torch.equal(m, b) for m, b in zip(merged_weights, before, strict=True)],
+            "exact": [torch.equal(bits(a), bits(b)) for a, b in zip(after, before, strict=True)],
+            "file": str(path),
+            "refused": refused,
+            "unchanged_by_refusals": torch.equal(y_refused, y_loaded),
+            "adapters_after_refusals": lorazoo.adapter_names(fresh),
         }
     return result
 
@@ -248,7 +345,7 @@ def _main(scenario: str, rank: str, world: str, port: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=int(rank), world_size=int(world))
     try:
-        work = {"ddp": worker_ddp}[scenario]
+        work = {"ddp": worker_ddp, "fsdp": worker_fsdp}[scenario]
         result = work(int(rank), Path(out))
         dist.barrier()
     finally:
@@ -277,7 +374,9 @@ def single_process_reference(variant: str) -> dict[str, torch.Tensor]:
 def test_ddp_default_arguments_with_an_inactive_adapter(tmp_path: Path) -> None:
     """Every variant trains under DDP (default arguments) beside an inactive second adapter: all
     steps on both ranks, identical tensors on both ranks, equal to one process training on the
-    whole batch; the inactive adapter does not move."""
+    whole batch; the inactive adapter does not move. The wrapper's file loads into the bare
+    model (no ``module.`` prefix) and gives the wrapper's outputs; loading into the wrapper
+    restores the tensors."""
     ranks = spawn("ddp", tmp_path)
     for variant in DDP_VARIANTS:
         r0, r1 = ranks[0][variant], ranks[1][variant]
@@ -286,11 +385,41 @@ def test_ddp_default_arguments_with_an_inactive_adapter(tmp_path: Path) -> None:
         for key, t in r0["a"].items():
             assert torch.equal(bits(t), bits(r1["a"][key])), f"{variant}: {key} differs between ranks"
         assert r0["b_moved"] == r1["b_moved"] == [], f"{variant}: the inactive adapter moved"
+        assert r0["reloaded"] and r1["reloaded"], f"{variant}: load into the DDP wrapper"
         ref = single_process_reference(variant)
         init = tensors_of(adapt(make_model(), variant, name="a"), "a")
         assert any(not torch.equal(t, init[k]) for k, t in r0["a"].items()), f"{variant}: nothing trained"
         for key, t in r0["a"].items():
             torch.testing.assert_close(t, ref[key], rtol=1e-5, atol=1e-6, msg=f"{variant}: {key}")
+        bare = make_model()
+        lorazoo.load(bare, r0["file"], name="a")
+        with torch.no_grad():
+            torch.testing.assert_close(bare(probe()), r0["y"], rtol=0, atol=0)
+
+
+def test_fsdp2_train_save_reload_merge_unmerge(tmp_path: Path) -> None:
+    """FSDP2 on two processes, sharded per layer (LoRA) and at the root only (DoRA): the file
+    saved from the sharded model loads on one process into the bare model and gives the
+    sharded model's outputs; it also loads into a sharded model; merge on the shards gives
+    the unmerged outputs within rounding and unmerge brings every weight back bit for bit;
+    inject and eject on a sharded model are refused with the model unchanged."""
+    ranks = spawn("fsdp", tmp_path)
+    for variant in FSDP_VARIANTS:
+        r0, r1 = ranks[0][variant], ranks[1][variant]
+        assert torch.equal(r0["y"], r1["y"]), f"{variant}: the ranks' models differ"
+        for r in (r0, r1):
+            assert all(r["merge_moved"]), f"{variant}: merge left a weight unchanged"
+            assert all(r["exact"]), f"{variant}: unmerge did not restore the weights bit for bit"
+            torch.testing.assert_close(r["y_merged"], r["y"], rtol=1e-5, atol=1e-5)
+            assert torch.equal(r["y_after"], r["y"])
+            assert torch.equal(r["y_loaded"], r["y"])
+            assert len(r["refused"]) == 2, f"{variant}: inject/eject on a sharded model not refused"
+            assert all("before calling fully_shard" in m or "before sharding" in m for m in r["refused"])
+            assert r["unchanged_by_refusals"] and r["adapters_after_refusals"] == {"default": variant}
+        bare = make_model()
+        lorazoo.load(bare, r0["file"])
+        with torch.no_grad():
+            assert torch.equal(bare(probe()), r0["y"])
 
 
 if __name__ == "__main__":

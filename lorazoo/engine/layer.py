@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MergeError, RoutingError
+from .distributed import bump_version, gathered, local_update
 from .exact import Residual, acc_dtype, apply_update, fingerprint, revert_update
 
 if TYPE_CHECKING:
@@ -477,8 +478,9 @@ class AdaptedLinear(nn.Module):
         names = tuple(names)
         if not names:
             raise MergeError("nothing to merge")
-        B, A, g, scales = self._factors(names, None)
-        residual = apply_update(self.weight.data, *self._oriented(B, A, g))
+        with gathered(self):  # sharded (FSDP2): the factors from whole tensors
+            B, A, g, scales = self._factors(names, None)
+        residual = apply_update(*local_update(self.weight, *self._oriented(B, A, g)))
         self._wrote_weight()
         self.merged = MergeState(
             names=names,
@@ -521,8 +523,11 @@ class AdaptedLinear(nn.Module):
         state = self.merged
         assert state is not None
         changed = self._changed_while_merged()
-        B, A, g, _ = self._factors(state.names, state.row_scales)
-        revert_update(self.weight.data, *self._oriented(B, A, g), None if changed else state.residual)
+        with gathered(self):
+            B, A, g, _ = self._factors(state.names, state.row_scales)
+        revert_update(
+            *local_update(self.weight, *self._oriented(B, A, g)), None if changed else state.residual
+        )
         self._wrote_weight()
         self.merged = None
         self._refresh()
@@ -531,7 +536,7 @@ class AdaptedLinear(nn.Module):
         """Writes through ``weight.data`` do not move the weight's version counter; move it, so
         anything keyed on the version (a variant's cache, autograd's check that a tensor saved
         for backward is unchanged) sees merges and base rewrites like any in-place change."""
-        torch.autograd.graph.increment_version(self.weight)
+        bump_version(self.weight)
 
     # ---- base rewrites (variant.prepare_base) -------------------------------------------------
 
