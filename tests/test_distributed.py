@@ -187,6 +187,36 @@ def test_save_and_load_through_a_data_parallel_wrapper(tmp_path: Path) -> None:
         assert torch.equal(again(probe()), model(probe()))
 
 
+def test_a_sharding_wrapper_can_free_the_whole_base_weight() -> None:
+    """``fully_shard`` replaces the host's weight by its row shard; the whole weight must then
+    be free (nothing else of lorazoo's keeps it), and eject still gives back the original
+    module object with the host's tensors."""
+    import gc
+    import weakref
+
+    model = make_model()
+    layer = model[0]
+    whole = weakref.ref(layer.weight)
+    adapt(model, "lora")
+    host = model[0]
+    host.weight = nn.Parameter(host.weight.detach()[:8].clone(), requires_grad=False)  # a "shard"
+    gc.collect()
+    assert whole() is None, "the replaced base weight is still referenced"
+    lorazoo.eject(model)
+    assert model[0] is layer and layer.weight is host.weight and layer.bias is host.bias
+
+
+def test_save_through_a_compiled_model_writes_bare_paths(tmp_path: Path) -> None:
+    """``torch.compile`` puts the model under ``_orig_mod``; its file loads into the bare
+    model."""
+    model = adapt(make_model(), "lora")
+    lorazoo.testing.perturb(model, 5)
+    path = lorazoo.save(torch.compile(model), tmp_path / "c.safetensors")
+    bare = lorazoo.load(make_model(), path)
+    with torch.no_grad():
+        assert torch.equal(bare(probe()), model(probe()))
+
+
 # ---- running two processes -------------------------------------------------------------------
 
 

@@ -168,6 +168,12 @@ def commit(model: nn.Module, p: Plan) -> nn.Module:
             if e.host.bias is not None:
                 e.host.bias.requires_grad_(False)
             _set_child(model, e.path, e.host)
+            # The host holds the base tensors now; eject hands them back. The original module
+            # keeping them too would keep a whole copy alive once a wrapper replaces the host's
+            # (fully_shard swaps in row shards).
+            e.host.original._parameters.update(
+                {k: None for k in ("weight", "bias") if k in e.host.original._parameters}
+            )
     return model
 
 
