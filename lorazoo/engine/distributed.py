@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import LorazooError
 
-F = TypeVar("F", bound=Callable[..., Any])
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 def is_sharded(t: Tensor | None) -> bool:
@@ -201,7 +201,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def accepts_wrapped(fn: F) -> F:
+def accepts_wrapped(fn: _Fn) -> _Fn:
     """Let ``fn(model, ...)`` take a wrapped model: it runs on :func:`unwrap` ``(model)``, and a
     result that is the inner model is handed back as the wrapper the caller passed."""
 
