@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from . import __version__, registry
+from .engine.distributed import accepts_wrapped, copy_into, full_tensor
 from .engine.inject import adapter_names, adapters_named, commit, plan
 from .engine.layer import layer_dims, layer_kind
 from .errors import AdapterFileError, LorazooError
@@ -53,8 +54,14 @@ def _dtype_of(adapter: Variant) -> torch.dtype:
     return torch.float32
 
 
+@accepts_wrapped  # a DDP / FSDP / compiled model writes the bare model's paths
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter ``name`` of ``model`` to ``path`` atomically. Returns the path."""
+    """Write adapter ``name`` of ``model`` to ``path`` atomically. Returns the path.
+
+    A wrapped model (``DistributedDataParallel``, ``torch.compile``) writes the paths of the
+    model inside, so the file loads into the bare model. A model sharded with FSDP2's
+    ``fully_shard`` has its adapter tensors gathered, which every process must take part in:
+    call ``save`` on every process (each writes the same file), not on one rank only."""
     entries = adapters_named(model, name)
     cls = type(entries[0][2])
     config = entries[0][2].config
@@ -62,7 +69,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     modules: dict[str, Any] = {}
     for mpath, host, adapter in entries:
         for key, t in _layer_tensors(adapter).items():
-            tensors[f"{mpath}.{key}"] = t.detach().to("cpu").contiguous()
+            tensors[f"{mpath}.{key}"] = full_tensor(t).to("cpu").contiguous()  # gathers a shard
         modules[mpath] = {
             "d_out": host.out_features,
             "d_in": host.in_features,
@@ -143,6 +150,7 @@ def _header_metadata(blob: bytes) -> dict[str, str]:
     return header.get("__metadata__", {}) or {}
 
 
+@accepts_wrapped
 def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
     """Load an adapter file into ``model`` as adapter ``name``.
 
@@ -249,4 +257,4 @@ def _check_and_copy(
                 raise AdapterFileError(f"{str(path)!r}: tensor {key!r} is not floating point")
         return
     for key, t in expected.items():
-        t.copy_(tensors[key])
+        copy_into(t, tensors[key])  # a sharded tensor takes its own rows

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .distributed import local_view
+
 _BITS = {
     torch.float32: torch.int32,
     torch.float64: torch.int64,
@@ -297,5 +299,6 @@ def fingerprint(*tensors: Tensor | None) -> tuple:
         if t is None:
             out.append(None)
             continue
-        out.append((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device))
+        local = local_view(t)  # a sharded tensor (FSDP2): this process's shard
+        out.append((local.data_ptr(), local._version, tuple(t.shape), t.dtype, t.device))
     return tuple(out)

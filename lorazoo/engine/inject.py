@@ -18,6 +18,7 @@ from torch import nn
 from .. import registry
 from ..errors import ConfigError, LorazooError, MergeError
 from ..variant import LayerInfo, Variant, VariantConfig
+from .distributed import refuse_sharded
 from .layer import AdaptedLinear, host_for, layer_dims, layer_kind
 from .targets import ALL_LINEAR, TargetSpec, resolve
 
@@ -102,6 +103,7 @@ def plan(
             "with a letter or '_' (e.g. 'default', 'task_a')"
         )
     cfg = build_config(cls, config, hyper)
+    refuse_sharded(model, "add adapters to", "inject (or load new adapters) before calling fully_shard")
     if name in adapter_names(model):
         raise LorazooError(
             f"the model already has an adapter named {name!r}; pick another name or eject it first"
@@ -166,6 +168,12 @@ def commit(model: nn.Module, p: Plan) -> nn.Module:
             if e.host.bias is not None:
                 e.host.bias.requires_grad_(False)
             _set_child(model, e.path, e.host)
+            # The host holds the base tensors now; eject hands them back. The original module
+            # keeping them too would keep a whole copy alive once a wrapper replaces the host's
+            # (fully_shard swaps in row shards).
+            e.host.original._parameters.update(
+                {k: None for k in ("weight", "bias") if k in e.host.original._parameters}
+            )
     return model
 
 
@@ -205,6 +213,12 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     if name is not None and name not in present:
         raise LorazooError(f"no adapter named {name!r} to eject; adapters present: {list(present)}")
     names = list(present) if name is None else [name]
+    refuse_sharded(
+        model,
+        "eject adapters from",
+        "eject from the model before sharding it, or from an unsharded copy (lorazoo leaves the "
+        "base tensors' state-dict keys as they were)",
+    )
     affected = [(p, h) for p, h in hosts(model) if any(n in h.adapters for n in names)]
     # Check everything that could refuse before changing anything.
     for path, host in affected:

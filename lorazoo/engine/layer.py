@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MergeError, RoutingError
+from .distributed import bump_version, gathered, local_update
 from .exact import Residual, acc_dtype, apply_update, fingerprint, revert_update
 
 if TYPE_CHECKING:
@@ -233,6 +234,9 @@ class AdaptedLinear(nn.Module):
         # While a batch is routed (lorazoo.route): its row count and, per adapter, its row
         # indices and (start, stop) when those rows are one contiguous run
         self._routes: tuple[int, tuple[Route, ...]] | None = None
+        # Inactive adapters are parked: their tensors frozen, and here, per adapter, the
+        # ``requires_grad`` each had before, given back when the adapter is active again.
+        self._parked: dict[str, dict[str, bool]] = {}
         self.register_load_state_dict_post_hook(_ignore_missing_adapter_keys)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -256,6 +260,8 @@ class AdaptedLinear(nn.Module):
         self.adapters[name] = adapter
         if active:
             self.active = (*self.active, name)
+        else:
+            self._set_parked({*self._parked, name})
         self._refresh()
 
     def remove_adapter(self, name: str) -> Variant:
@@ -264,14 +270,50 @@ class AdaptedLinear(nn.Module):
         if any(p.owner == name for p in self.patches):
             raise MergeError(f"adapter {name!r} still has a base rewrite; unpatch it first")
         adapter = self.adapters[name]
+        self._set_parked(set(self._parked) - {name})  # the adapter leaves with its own flags
         del self.adapters[name]
         self.active = tuple(n for n in self.active if n != name)
         self._refresh()
         return adapter
 
-    def set_active(self, names: Sequence[str]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
+    def set_active(self, names: Sequence[str], park: bool = True) -> None:
+        """Make ``names`` (those this layer carries) the active adapters.
+
+        With ``park`` (the default), adapters left inactive are parked: every tensor of theirs
+        gets ``requires_grad=False``, so no optimizer group, gradient hook or data-parallel
+        wrapper expects a gradient they cannot get; an adapter that becomes active again gets
+        back exactly the flags it had. ``park=False`` changes only what the forward applies
+        (:func:`lorazoo.disabled`). Tensors of a variant's shared state are not parked.
+        """
+        active = tuple(n for n in names if n in self.adapters)
+        if park:
+            self._set_parked({n for n in self.adapters if n not in active})
+        self.active = active
         self._refresh()
+
+    def parked(self) -> frozenset[str]:
+        """Names of the parked adapters (inactive, their tensors frozen: :meth:`set_active`)."""
+        return frozenset(self._parked)
+
+    def _set_parked(self, names: set[str]) -> None:
+        """Park exactly ``names``, all or nothing: on any exception the flags are as before."""
+        before = dict(self._parked)
+        flags = [(p, p.requires_grad) for a in self.adapters.values() for _, p in _own_parameters(a)]
+        try:
+            for name in [n for n in self._parked if n not in names]:
+                saved = self._parked.pop(name)
+                for pname, p in _own_parameters(self.adapters[name]):
+                    p.requires_grad_(saved.get(pname, p.requires_grad))
+            for name in [n for n in names if n not in self._parked]:
+                own = _own_parameters(self.adapters[name])
+                self._parked[name] = {pname: p.requires_grad for pname, p in own}
+                for _, p in own:
+                    p.requires_grad_(False)
+        except BaseException:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self._parked = before
+            raise
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -439,8 +481,9 @@ class AdaptedLinear(nn.Module):
         names = tuple(names)
         if not names:
             raise MergeError("nothing to merge")
-        B, A, g, scales = self._factors(names, None)
-        residual = apply_update(self.weight.data, *self._oriented(B, A, g))
+        with gathered(self):  # sharded (FSDP2): the factors from whole tensors
+            B, A, g, scales = self._factors(names, None)
+        residual = apply_update(*local_update(self.weight, *self._oriented(B, A, g)))
         self._wrote_weight()
         self.merged = MergeState(
             names=names,
@@ -483,8 +526,11 @@ class AdaptedLinear(nn.Module):
         state = self.merged
         assert state is not None
         changed = self._changed_while_merged()
-        B, A, g, _ = self._factors(state.names, state.row_scales)
-        revert_update(self.weight.data, *self._oriented(B, A, g), None if changed else state.residual)
+        with gathered(self):
+            B, A, g, _ = self._factors(state.names, state.row_scales)
+        revert_update(
+            *local_update(self.weight, *self._oriented(B, A, g)), None if changed else state.residual
+        )
         self._wrote_weight()
         self.merged = None
         self._refresh()
@@ -493,7 +539,7 @@ class AdaptedLinear(nn.Module):
         """Writes through ``weight.data`` do not move the weight's version counter; move it, so
         anything keyed on the version (a variant's cache, autograd's check that a tensor saved
         for backward is unchanged) sees merges and base rewrites like any in-place change."""
-        torch.autograd.graph.increment_version(self.weight)
+        bump_version(self.weight)
 
     # ---- base rewrites (variant.prepare_base) -------------------------------------------------
 
@@ -610,6 +656,11 @@ class AdaptedEmbedding(AdaptedLinear):
             f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
             f"active={list(self.active)}, merged={merged}"
         )
+
+
+def _own_parameters(adapter: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """An adapter's parameters, without those of state shared with other adapters."""
+    return [(n, p) for n, p in adapter.named_parameters() if not n.startswith("shared.")]
 
 
 def host_for(module: nn.Module) -> AdaptedLinear:

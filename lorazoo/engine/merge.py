@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import LorazooError, MergeError
+from .distributed import reshard
 from .inject import adapter_names, hosts
 
 
@@ -54,6 +55,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modu
         todo.append((path, host, sel))
     if not todo:
         raise MergeError("no active adapter to merge; activate one with lorazoo.set_active")
+    reshard(model)  # FSDP2: write into the shards, not into whole copies about to be dropped
     done = []
     try:
         for _path, host, sel in todo:
@@ -76,6 +78,7 @@ def unmerge(model: nn.Module, exact: bool = True) -> nn.Module:
     merged = [(p, h) for p, h in hosts(model) if h.merged is not None]
     if not merged:
         raise MergeError("nothing is merged: call lorazoo.merge(model) first")
+    reshard(model)
     for path, host in merged:
         host.check_unmerge(exact, where=f"layer {path!r}")
     for _, host in merged:
@@ -90,7 +93,7 @@ def merge_report(model: nn.Module) -> MergeReport:
         if host.merged is None:
             continue
         layers += 1
-        elements += host.weight.numel()
+        elements += host.merged.residual.numel  # sharded (FSDP2): this process's rows
         held += host.merged.residual.nbytes
         wide += host.merged.residual.n_wide
     return MergeReport(layers, elements, held, wide)

@@ -34,7 +34,8 @@ class TrainableCount(NamedTuple):
 
 
 def trainable(model: nn.Module) -> TrainableCount:
-    """Counts of trainable and all parameters (each shared tensor counted once)."""
+    """Counts of trainable and all parameters (each shared tensor counted once). Adapters made
+    inactive by :func:`set_active` are frozen, so they count as not trainable."""
     seen: set[int] = set()
     t = total = 0
     for p in model.parameters():
@@ -58,15 +59,20 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
     """Optimizer parameter groups for every trainable tensor of ``model``.
 
     Each variant shapes the groups of its own adapters (LoRA+ gives ``B`` a larger learning
-    rate); trainable tensors outside adapters (a head you unfroze) get ``lr``. The groups
-    partition the trainable tensors: each appears in exactly one group. Pass the result to any
+    rate); inactive adapters (:func:`set_active`) are frozen and in no group; trainable
+    tensors outside adapters (a head you unfroze) get ``lr``. The groups partition the
+    trainable tensors: each appears in exactly one group. Pass the result to any
     ``torch.optim`` optimizer.
     """
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise LorazooError(f"lr must be a positive number, got {lr!r}")
     groups: list[dict[str, Any]] = []
     claimed: dict[int, str] = {}
-    for cls, adapters in _by_class(model).items():
+    parked = {id(h.adapters[n]) for _, h in hosts(model) for n in h.parked()}
+    for cls, every in _by_class(model).items():
+        adapters = [a for a in every if id(a) not in parked]
+        if not adapters:
+            continue
         for group in cls.param_groups(adapters, lr, weight_decay):
             group = dict(group)
             group.setdefault("name", cls.name)
@@ -118,14 +124,32 @@ def after_step(model: nn.Module, step: int) -> None:
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
-    """Make ``names`` the active adapters (the ones the forward applies and merge folds in)."""
+    """Make ``names`` the active adapters (the ones the forward applies and merge folds in).
+
+    Inactive adapters are frozen while inactive (``requires_grad=False`` on their tensors), so
+    they are in no :func:`param_groups` group, not counted by :func:`trainable`, and a
+    ``DistributedDataParallel`` wrapper built afterwards does not wait for gradients they never
+    get. An adapter made active again gets back exactly the ``requires_grad`` flags it had (a
+    tensor you froze yourself stays frozen). Call it before wrapping the model for data
+    parallelism: the wrapper fixes its set of trainable tensors when it is built. A routed
+    batch (:func:`lorazoo.route`) still runs inactive adapters on their rows, but frozen: make
+    the adapters you train through it active. All or nothing: on any error every layer keeps
+    its active adapters and flags.
+    """
     wanted = [names] if isinstance(names, str) else list(names)
     present = adapter_names(model)
     unknown = [n for n in wanted if n not in present]
     if unknown:
         raise LorazooError(f"no adapter named {unknown}; adapters present: {list(present)}")
-    for _, host in hosts(model):
-        host.set_active(wanted)
+    saved = [(host, host.active, host.parked()) for _, host in hosts(model)]
+    try:
+        for host, _, _ in saved:
+            host.set_active(wanted)
+    except BaseException:
+        for host, active, parked in saved:
+            host.set_active(active, park=False)
+            host._set_parked(set(parked))
+        raise
     return model
 
 
@@ -134,15 +158,20 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone: no unmerged adapter is applied inside the block.
 
     Merged adapters are part of the weights; unmerge them first for the pure base output.
+    The block is a temporary view for evaluation (a reference output, a base-model score):
+    it leaves ``requires_grad``, :func:`trainable` and :func:`param_groups` as
+    :func:`set_active` set them, so an optimizer or wrapper built inside or outside the block
+    sees the same tensors.
     """
-    saved = [(host, host.active) for _, host in hosts(model)]
+    saved = [(host, host.active, host.parked()) for _, host in hosts(model)]
     try:
-        for host, _ in saved:
-            host.set_active(())
+        for host, _, _ in saved:
+            host.set_active((), park=False)
         yield model
     finally:
-        for host, active in saved:
-            host.set_active(active)
+        for host, active, parked in saved:
+            # set_active called inside the block re-parked: park again for the restored set
+            host.set_active(active, park=host.parked() != parked)
 
 
 # --------------------------------------------------------------------------------------------
