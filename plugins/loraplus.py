@@ -5,7 +5,7 @@ optimizer groups differ. The paper's width-scaling analysis (with Adam) finds th
 feature learning needs ``η_B/η_A`` to grow with the width, so one learning rate for both factors
 is suboptimal; a fixed ratio ``λ = 16`` is its rule of thumb.
 
-:meth:`LoRAPlus.param_groups` splits this variant's trainable tensors as VARIANTS.md §4's table
+:meth:`LoRAPlus.param_groups` splits this variant's trainable tensors as docs/spec/variants.md §4's table
 (PEFT's ``create_loraplus_optimizer``, the authors' ``loraplus.py``):
 
 * ``loraplus.A`` at ``lr``, decay ``wd``: every tensor not in another group (the ``A`` factors);

@@ -3,7 +3,7 @@
 ``Q, R = qr(W)`` (reduced, in fp32); ``B₀ = Q[:, :r]`` (orthonormal columns), ``A₀ = R[:r, :]``
 (upper trapezoidal). ``B₀A₀ = Q_r Q_rᵀ W`` is the projection of ``W`` onto the span of its first
 ``r`` columns, so training starts from a direction the base already uses. To keep the output
-unchanged at initialisation the base is rewritten to ``W_res = W − s·B₀A₀`` (VARIANTS.md §7,
+unchanged at initialisation the base is rewritten to ``W_res = W − s·B₀A₀`` (docs/spec/variants.md §7,
 PEFT's ``init_lora_weights="olora"``); the adapter's forward, merge and unmerge are LoRA's,
 relative to ``W_res``.
 
@@ -132,7 +132,7 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
 
     The rank doubles: ``A' = [A; A₀]``, ``B' = [B, −B₀]`` and ``α' = 2α`` (``√2·α`` with
     ``rslora``, as an ``rslora`` adapter), so the scale ``s`` is unchanged and
-    ``W + s·B'A' = W_res + s·BA`` in real arithmetic (VARIANTS.md §7, invariant 6: the forward
+    ``W + s·B'A' = W_res + s·BA`` in real arithmetic (docs/spec/variants.md §7, invariant 6: the forward
     agrees within τ). The base comes back bit for bit (the rewrite is ejected), the new adapter
     keeps the name, dtype and active state, and ``lorazoo.save`` then writes a file that any
     LoRA loader can apply to the original weights. Returns ``model``.

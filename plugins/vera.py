@@ -10,9 +10,9 @@ of the same storage: two layers of one shape read identical slices) and trains o
     y = W x + b + λ_b ⊙ (B_sl (λ_d ⊙ (A_sl drop(x))))        ΔW = diag(λ_b)·B_sl·diag(λ_d)·A_sl
 
 ``λ_b = 0`` makes the output equal to the base bit for bit at initialisation; it also makes the
-first step's gradient for ``λ_d`` zero, so ``λ_b`` moves first (expected, VARIANTS.md §8).
+first step's gradient for ``λ_d`` zero, so ``λ_b`` moves first (expected, docs/spec/variants.md §8).
 
-**Projections** are generated exactly as PEFT does (VARIANTS.md §8), on the CPU whatever the
+**Projections** are generated exactly as PEFT does (docs/spec/variants.md §8), on the CPU whatever the
 model's device, so they are reproducible from the seed: ``g = torch.Generator("cpu")
 .manual_seed(projection_prng_key)``; ``A_sh`` first, then ``B_sh``, each a float32
 ``uniform_(−β, β, generator=g)`` with ``β = √(6 / fan_in)`` (``fan_in`` = second dimension:
@@ -90,7 +90,7 @@ class VeraConfig(lorazoo.VariantConfig):
 
 
 def generate_projections(r: int, in_max: int, out_max: int, key: int) -> tuple[Tensor, Tensor]:
-    """``(A_sh, B_sh)`` as float32 CPU tensors, by the VARIANTS.md §8 rule (bit-exact)."""
+    """``(A_sh, B_sh)`` as float32 CPU tensors, by the docs/spec/variants.md §8 rule (bit-exact)."""
     g = torch.Generator("cpu").manual_seed(key)
     beta_a = math.sqrt(6.0 / in_max)
     beta_b = math.sqrt(6.0 / r)

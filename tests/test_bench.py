@@ -25,7 +25,7 @@ from lorazoo.cli import main, parse_lr
 
 # An end-to-end sanity bound on max |merged − unmerged| logits, relative to the largest logit:
 # about 1700 fp32 units of rounding through a 2-layer model. The per-layer tolerance model of
-# VARIANTS.md §11 is checked exactly by the conformance suite; here only gross errors (a merge
+# docs/spec/variants.md §11 is checked exactly by the conformance suite; here only gross errors (a merge
 # that drops or doubles an update, which moves logits by ~1e-1 relative) must be caught.
 MERGE_REL_BOUND = 1e-4
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lorazoo
+import lorazoo.testing
 from lorazoo.bench.model import LlamaConfig, LlamaLike
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

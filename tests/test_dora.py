@@ -1,4 +1,4 @@
-"""DoRA's own invariants (VARIANTS.md §6), beyond the conformance suite every variant passes.
+"""DoRA's own invariants (docs/spec/variants.md §6), beyond the conformance suite every variant passes.
 
 Tolerances follow §11: a norm of a row is compared within ``C·(ρ·u + γ_K(u))·M_i`` with
 ``M_i = ‖ |W_i| + |s|·|B_i|·|A| ‖`` (the magnitudes entering it), outputs within

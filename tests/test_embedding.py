@@ -137,7 +137,7 @@ def test_training_while_merged_is_refused():
 
 
 def test_loraplus_puts_embedding_adapters_in_the_embedding_group():
-    """VARIANTS.md §4 invariant 3: embedding-adapter tensors sit only in the embedding group, at
+    """docs/spec/variants.md §4 invariant 3: embedding-adapter tensors sit only in the embedding group, at
     ``lr_embedding``; the linear layer's A and B keep ``lr`` and ``λ·lr``."""
     m = tiny()
     lorazoo.inject(m, "loraplus", targets=[nn.Embedding, nn.Linear], r=4, lr_embedding=3e-6)

@@ -1,4 +1,4 @@
-"""LoRA+ (VARIANTS.md §4): LoRA's math with ``B`` in an optimizer group at ``λ·lr``.
+"""LoRA+ (docs/spec/variants.md §4): LoRA's math with ``B`` in an optimizer group at ``λ·lr``.
 
 The conformance suite (tests/test_properties.py) covers the LoRA invariants; these tests cover
 what LoRA+ adds: the groups, their learning rates, the effect of one optimizer step, the

@@ -1,4 +1,4 @@
-"""OLoRA (VARIANTS.md §7): the QR initialisation, the reversible base rewrite, loading, export."""
+"""OLoRA (docs/spec/variants.md §7): the QR initialisation, the reversible base rewrite, loading, export."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_qr_factors_are_orthonormal_and_triangular(s: dict) -> None:
 def test_rewrite_reconstructs_w_and_is_reproducible(s: dict) -> None:
     """Invariants 3 and 5: W_res + s·B₀A₀ == W within 2u(|W| + s|B₀||A₀|) elementwise, plus the
     rounding of the r-term dot products that form B₀A₀ in the accumulation dtype, γ_r(u_a)·s|B₀||A₀|
-    (§11.2's γ_K; VARIANTS.md §7 omits it, and without it fp32 fails for r ≳ 4: the rewrite is
+    (§11.2's γ_K; docs/spec/variants.md §7 has it; without it fp32 fails for r ≳ 4: the rewrite is
     cast(W + (−s·B₀)·A₀) with the product summed in fp32, so its error is u|W_res| +
     (u + γ_r)·s|B₀||A₀| ≤ u|W| + (2u + γ_r)·s|B₀||A₀|). Running the initialisation again on the
     same W gives W_res bit for bit."""

@@ -9,6 +9,7 @@ import tomllib
 import torch
 
 import lorazoo
+import lorazoo.testing
 from lorazoo import registry
 
 PLUGIN = '''

@@ -1,4 +1,4 @@
-"""The conformance properties of VARIANTS.md §12, run for every registered variant.
+"""The conformance properties of docs/spec/variants.md §12, run for every registered variant.
 
 A variant installed as a plugin is tested here the moment it is registered.
 """

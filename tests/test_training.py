@@ -6,7 +6,7 @@ injected with its own defaults (``config_class`` and ``example_config``, so VeRA
 256) and trained with AdamW at its ``recommended_lr``, using ``lorazoo.param_groups``,
 ``lorazoo.extra_loss`` and ``lorazoo.after_step`` exactly as the README's quickstart does.
 
-Then LoRA+ (VARIANTS.md §4): with λ = 16 it reaches a target loss in fewer steps than LoRA at the
+Then LoRA+ (docs/spec/variants.md §4): with λ = 16 it reaches a target loss in fewer steps than LoRA at the
 same base learning rate. Everything is seeded and runs on one thread, so the numbers below are
 reproducible; they were measured with this file's ``fit``.
 """

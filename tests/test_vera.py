@@ -1,4 +1,4 @@
-"""VeRA (VARIANTS.md §8): shared frozen projections, per-layer vectors, tiny files."""
+"""VeRA (docs/spec/variants.md §8): shared frozen projections, per-layer vectors, tiny files."""
 
 from __future__ import annotations
 
@@ -422,7 +422,7 @@ def test_rank_above_layer_size_works_end_to_end(tmp_path) -> None:
 
 
 def test_projections_match_peft_bit_for_bit() -> None:
-    """PEFT 0.21.2 draws the same pair for the same key and targets (VARIANTS.md §8)."""
+    """PEFT 0.21.2 draws the same pair for the same key and targets (docs/spec/variants.md §8)."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     model = Mixed([(12, 20), (30, 8)])

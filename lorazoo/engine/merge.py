@@ -1,7 +1,7 @@
 """merge / unmerge over a whole model.
 
 Per layer, the active adapters are folded into the weight in one step: ``ΔW`` of every adapter
-is computed from the pre-merge weight (VARIANTS.md R2), summed in fp32 (fp64 for an fp64 base) and
+is computed from the pre-merge weight (docs/spec/variants.md R2), summed in fp32 (fp64 for an fp64 base) and
 cast once (R3). The weight comes back bit for bit on unmerge, from about one byte per element
 recorded at merge time (``engine/exact.py``), never a copy of the weight.
 """

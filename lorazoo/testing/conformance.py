@@ -4,7 +4,7 @@ variant, and a third-party plugin runs them on its own with :func:`run_conforman
 Each ``check_*`` takes a variant name and a :class:`Case` (shapes, rank, alpha, dtype, batch,
 seed), builds a small model of independent ``nn.Linear`` layers (``nn.Embedding`` tables for
 the embedding check), and raises ``AssertionError``
-with the offending figures when the variant breaks an invariant of VARIANTS.md §12. The checks
+with the offending figures when the variant breaks an invariant of docs/spec/variants.md §12. The checks
 use only the public API and a variant's declared math (``lowrank``, ``num_trainable``,
 ``exact_at_init``), so they apply to any plugin unchanged.
 """
@@ -77,7 +77,7 @@ def cases(
     max_r: int = 16,
     max_layers: int = 3,
 ) -> Case:
-    """Hypothesis strategy over :class:`Case` (VARIANTS.md §12: ``d_in, d_out ∈ [1, 64]``,
+    """Hypothesis strategy over :class:`Case` (docs/spec/variants.md §12: ``d_in, d_out ∈ [1, 64]``,
     ``r ∈ [1, min(d_in, d_out, 16)]``)."""
     n = draw(st.integers(1, max_layers))
     shapes = tuple(
@@ -209,7 +209,7 @@ def _record(table: dict[str, float], key: str, value: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# The checks (VARIANTS.md §12)
+# The checks (docs/spec/variants.md §12)
 # ------------------------------------------------------------------------------------------
 
 
@@ -690,7 +690,7 @@ CHECKS: dict[str, Callable[[str, Case], Any]] = {
     "routing": check_routing,
 }
 
-# dtypes each check draws from (VARIANTS.md §12: unmerge is bit-exact in fp32, bf16 and fp16).
+# dtypes each check draws from (docs/spec/variants.md §12: unmerge is bit-exact in fp32, bf16 and fp16).
 CHECK_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "unmerge_exact": (torch.float32, torch.bfloat16, torch.float16),
     "eject_exact": (torch.float32, torch.bfloat16, torch.float16),

@@ -1,4 +1,4 @@
-"""The floating-point tolerance model for merged-versus-unmerged comparisons (VARIANTS.md §11).
+"""The floating-point tolerance model for merged-versus-unmerged comparisons (docs/spec/variants.md §11).
 
 Merged and unmerged paths compute the same real number in different orders, so their difference
 is bounded by rounding in proportion to the *magnitudes* entering the sums, not to ``|y|``:
