@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorazoo
-from lorazoo.engine.exact import acc_dtype  # norms accumulate where merges do
+from lorazoo.engine.exact import acc_dtype, version  # norms accumulate where merges do
 
 if TYPE_CHECKING:
     from lorazoo.engine.layer import AdaptedLinear
@@ -391,7 +391,7 @@ class DoRA(lorazoo.LowRankAdapter):
         object, so a freed weight's address cannot be mistaken for a live one."""
         return (
             weight.data_ptr(),
-            weight._version,
+            version(weight),  # None for an inference tensor: never cached
             weight.dtype,
             weight.device,
             tuple(weight.shape),
@@ -400,7 +400,7 @@ class DoRA(lorazoo.LowRankAdapter):
 
     def _cached(self, slot: str, key: tuple, weight: Tensor) -> Tensor | None:
         entry = self._cache.get(slot)
-        if entry is not None and entry[0]() is weight and entry[1] == key:
+        if entry is not None and None not in key and entry[0]() is weight and entry[1] == key:
             return entry[2]
         return None
 
@@ -420,7 +420,7 @@ class DoRA(lorazoo.LowRankAdapter):
         (every optimizer step bumps the factors' version counters; inference reuses it)."""
         base = self._base_key(weight)
         A, B = self.lora_A, self.lora_B
-        key = (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
+        key = (*base, A.data_ptr(), version(A), B.data_ptr(), version(B), self.scale)
         n = self._cached("norm", key, weight)
         if n is None:
             wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None

@@ -88,7 +88,8 @@ def _factors(B: Tensor, A: Tensor, g: Tensor | None, acc: torch.dtype, device: t
     B = B.to(device=device, dtype=acc)
     A = A.to(device=device, dtype=acc)
     if g is not None:
-        g = g.to(device=device, dtype=acc).unsqueeze(1)
+        g = g.to(device=device, dtype=acc)
+        g = g.unsqueeze(1) if g.dim() == 1 else g
     return B, A, g
 
 
@@ -217,6 +218,10 @@ def content_sum(weight: Tensor) -> int:
     return _bits_sum(w if w.is_contiguous() else w.contiguous())
 
 
+def _cat(parts: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+
+
 class _Rows:
     """The row partition both directions share, and the chunk currently being written."""
 
@@ -281,8 +286,7 @@ def apply_update(
     numel = weight.numel()
     dense = torch.empty(numel, dtype=torch.int8, device=device)
     itype = torch.int32 if numel < 2**31 else torch.int64
-    wide_index: list[Tensor] = []
-    wide_bits: list[Tensor] = []
+    wide: list[tuple[Tensor, Tensor]] = []  # (flat positions, original bits) per chunk
     part = _Rows(weight, acc)
     step = part.step
     buf = _Work(min(step, d_out), d_in, dtype, acc, device)
@@ -315,8 +319,7 @@ def apply_update(
             dense[start * d_in : stop * d_in].view(rows, d_in).copy_(diff)
             if int(lo_bits) < -128 or int(hi_bits) > 127:  # originals lost in W' (|W| ≪ |ΔW|)
                 idx = _out_of_int8(diff)
-                wide_index.append((idx + start * d_in).to(itype))
-                wide_bits.append(w.view(ibits).reshape(-1)[idx].clone())
+                wide.append(((idx + start * d_in).to(itype), w.view(ibits).reshape(-1)[idx].clone()))
             total += _bits_sum(merged)
             part.inflight = (start, merged)
             w.copy_(merged)
@@ -329,8 +332,8 @@ def apply_update(
             dense=dense,
             index=None,
             values=None,
-            wide_index=torch.cat(wide_index) if wide_index else torch.empty(0, dtype=itype, device=device),
-            wide_bits=torch.cat(wide_bits) if wide_bits else torch.empty(0, dtype=ibits, device=device),
+            wide_index=_cat([i for i, _ in wide], itype, device),
+            wide_bits=_cat([b for _, b in wide], ibits, device),
             merged_sum=total & _MASK,
         )
         if _sparse_pays(dense, itype.itemsize + 1):
@@ -342,8 +345,8 @@ def apply_update(
         written = part.written(weight)
         if written:
             limit = written * d_in
-            wi = torch.cat(wide_index) if wide_index else torch.empty(0, dtype=itype, device=device)
-            wb = torch.cat(wide_bits) if wide_bits else torch.empty(0, dtype=ibits, device=device)
+            wi = _cat([i for i, _ in wide], itype, device)
+            wb = _cat([b for _, b in wide], ibits, device)
             keep = wi < limit
             partial = Residual(numel, dense, None, None, wi[keep], wb[keep], 0)
             _revert(weight, B, A, g, partial, rows=written, interruptible=False)

@@ -466,7 +466,7 @@ class AdaptedLinear(nn.Module):
         return B, A, g
 
     @torch.no_grad()
-    def merge(self, names: Sequence[str]) -> MergeState:
+    def merge(self, names: Sequence[str], *, interruptible: bool = True) -> MergeState:
         """Fold ``names`` into the weight; the weight comes back bit-exactly on :meth:`unmerge`.
         All or nothing: on any exception (an interrupt included) the weight is left as it was
         and nothing is recorded as merged."""
@@ -483,8 +483,9 @@ class AdaptedLinear(nn.Module):
         state = MergeState(names, scales, None, factors, (), weight.dtype)  # type: ignore[arg-type]
         try:
             with _weight_writes(weight):
-                state.residual = apply_update(weight.data, *factors)
-            _interrupt.checkpoint()
+                state.residual = apply_update(weight.data, *factors, interruptible=interruptible)
+            if interruptible:
+                _interrupt.checkpoint()
             self._wrote_weight()
             state.weight_print = fingerprint(weight)
             self.merged = state
@@ -530,7 +531,7 @@ class AdaptedLinear(nn.Module):
             )
 
     @torch.no_grad()
-    def unmerge(self, exact: bool = True) -> MergeState:
+    def unmerge(self, exact: bool = True, *, interruptible: bool = True) -> MergeState:
         """Take merged adapters back out, restoring the weight bit for bit, with the update as it
         was merged (the adapters may have changed since). ``exact=False`` also allows it when the
         weight itself changed while merged: the update is then subtracted from the weight as it
@@ -546,8 +547,9 @@ class AdaptedLinear(nn.Module):
         before = None if residual is not None else content_sum(weight)
         try:
             with _weight_writes(weight):
-                revert_update(weight.data, *state.factors, residual)
-            _interrupt.checkpoint()
+                revert_update(weight.data, *state.factors, residual, interruptible=interruptible)
+            if interruptible:
+                _interrupt.checkpoint()
             self._wrote_weight()
             self.merged = None
             self._refresh()
