@@ -134,20 +134,26 @@ def _undo_into(merged: Tensor, d: Tensor, g: Tensor | None, back_lp: Tensor | No
     return back_lp
 
 
-def _out_of_int8(diff: Tensor) -> Tensor:
+def _out_of_int8(diff: Tensor, lo: int | None = None, hi: int | None = None) -> Tensor:
     """Flat positions of the entries of ``diff`` outside ``[-128, 127]``.
 
     They are few (elements whose update dwarfs them), so blocks of 64 are screened first with
-    one reduction and only blocks that hold any are searched element by element. (``abs`` maps
-    the most negative integer to itself, so such an entry would escape the screen: the search
-    then falls back to every element.)
+    one reduction (per block maximum and/or minimum, as ``diff``'s overall minimum ``lo`` and
+    maximum ``hi`` require) and only blocks that hold any are searched element by element.
     """
     flat = diff.reshape(-1)
     n = flat.numel()
-    if n % _BLOCK or int(flat.amin()) == torch.iinfo(flat.dtype).min:
+    if n % _BLOCK:
         return torch.nonzero((flat < -128) | (flat > 127)).squeeze(1)
+    if lo is None or hi is None:
+        lo, hi = (int(v) for v in torch.aminmax(flat))
     blocks = flat.view(-1, _BLOCK)
-    hot = torch.nonzero(blocks.abs().amax(1) > 127).squeeze(1)
+    if hi > 127 and lo < -128:
+        hot = torch.nonzero((blocks.amax(1) > 127) | (blocks.amin(1) < -128)).squeeze(1)
+    elif hi > 127:
+        hot = torch.nonzero(blocks.amax(1) > 127).squeeze(1)
+    else:
+        hot = torch.nonzero(blocks.amin(1) < -128).squeeze(1)
     sub = blocks[hot]
     hit = torch.nonzero((sub < -128) | (sub > 127))
     return hot[hit[:, 0]] * _BLOCK + hit[:, 1]
@@ -201,12 +207,15 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(_BITS[a.dtype]), b.view(_BITS[b.dtype]))
 
 
-_MASK = (1 << 64) - 1
+_MASK = (1 << 32) - 1
 
 
 def _bits_sum(t: Tensor) -> int:
-    """Sum of the IEEE bit patterns of ``t``'s elements, modulo 2⁶⁴ (any layout, any partition)."""
-    return int(t.view(_BITS[t.dtype]).sum(dtype=torch.int64)) & _MASK
+    """Sum of the IEEE bit patterns of ``t``'s elements modulo 2³², the same for any layout and
+    any partition into chunks (modular addition is associative). Summed in int32 (wrapping),
+    which vectorises; an int64 sum costs as much as the whole merge's arithmetic."""
+    bits = t.view(_BITS[t.dtype])
+    return int(bits.sum(dtype=torch.int32 if bits.dtype != torch.int64 else torch.int64)) & _MASK
 
 
 def content_sum(weight: Tensor) -> int:
@@ -317,8 +326,9 @@ def apply_update(
             lo_bits, hi_bits = torch.aminmax(diff)
             # entries outside int8 wrap here; their positions are overwritten on revert anyway
             dense[start * d_in : stop * d_in].view(rows, d_in).copy_(diff)
-            if int(lo_bits) < -128 or int(hi_bits) > 127:  # originals lost in W' (|W| ≪ |ΔW|)
-                idx = _out_of_int8(diff)
+            lo, hi = int(lo_bits), int(hi_bits)
+            if lo < -128 or hi > 127:  # originals lost in W' (|W| ≪ |ΔW|)
+                idx = _out_of_int8(diff, lo, hi)
                 wide.append(((idx + start * d_in).to(itype), w.view(ibits).reshape(-1)[idx].clone()))
             total += _bits_sum(merged)
             part.inflight = (start, merged)
