@@ -520,3 +520,22 @@ def test_untied_layers_of_a_tied_model_merge():
     lorazoo.merge(model)
     assert (model(ids) - y).abs().max() < 1e-4
     lorazoo.unmerge(model)
+
+
+def test_disjoint_views_of_one_buffer_are_not_ties():
+    """Two layers whose weights are disjoint views of one buffer share storage but no element:
+    both merge and unmerge exactly."""
+    model = nn.Sequential(nn.Linear(8, 6, bias=False), nn.Linear(6, 4, bias=False))
+    flat = torch.randn(6 * 8 + 4 * 6) * 0.1
+    model[0].weight = nn.Parameter(flat[:48].view(6, 8))
+    model[1].weight = nn.Parameter(flat[48:].view(4, 6))
+    before = flat.clone()
+    lorazoo.inject(model, "lora", targets=nn.Linear, r=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.3)
+    lorazoo.merge(model.eval())
+    assert not torch.equal(flat, before)
+    lorazoo.unmerge(model)
+    assert torch.equal(_bits(flat), _bits(before))

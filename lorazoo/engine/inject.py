@@ -31,23 +31,38 @@ def hosts(model: nn.Module) -> list[tuple[str, AdaptedLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[start, stop)`` of ``t``'s storage that its elements occupy."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * size
+
+
 def tied_elsewhere(model: nn.Module, pairs: Sequence[tuple[str, nn.Module]]) -> dict[str, list[str]]:
-    """For each ``(path, host)``, the names of the model's other parameters that share storage
-    with the layer's weight (an embedding tied to the output head). Writing that weight in place
-    would change those too."""
-    by_storage: dict[tuple, list[str]] = {}
+    """For each ``(path, layer)``, the names of the model's other parameters whose elements
+    overlap the layer's weight in memory (an embedding tied to the output head). Writing that
+    weight in place would change those too. Views of disjoint parts of one buffer are not ties."""
+    by_storage: dict[tuple, list[tuple[str, tuple[int, int]]]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.device.type == "meta":
             continue
         key = (p.device, p.untyped_storage().data_ptr())
-        by_storage.setdefault(key, []).append(name)
+        by_storage.setdefault(key, []).append((name, _extent(p)))
     out = {}
     for path, layer in pairs:
         w = layer.weight
         if w.device.type == "meta":
             continue
         own = f"{path}.weight" if path else "weight"
-        others = [n for n in by_storage.get((w.device, w.untyped_storage().data_ptr()), []) if n != own]
+        lo, hi = _extent(w)
+        others = [
+            n
+            for n, (a, b) in by_storage.get((w.device, w.untyped_storage().data_ptr()), [])
+            if n != own and a < hi and lo < b
+        ]
         if others:
             out[path] = others
     return out
