@@ -437,8 +437,9 @@ class AdaptedLinear(nn.Module):
         self, names: Sequence[str], row_scales: Sequence[Tensor | None] | None
     ) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor | None]]:
         """Stacked ``(B_c, A_c, g)`` with ``ΣΔW_a(W) = (g − 1)⊙W + B_c·A_c`` and the per-adapter
-        row factors. With ``row_scales`` given (unmerge), those are used instead of asking the
-        adapters again (DoRA's factor depends on the pre-merge weight)."""
+        row factors. With ``row_scales`` given, those are used instead of asking the adapters
+        again (DoRA's factor depends on the pre-merge weight). The unmerge does not call this: it
+        reverts with the factors kept in :class:`MergeState`."""
         acc = acc_dtype(self.weight.dtype)
         weight = self.weight.detach()
         Bs, As, scales = [], [], []
