@@ -227,6 +227,7 @@ def _line_interrupts(model_fn, op, check_interrupted, limit: int | None = None) 
 
         model = model_fn()
         before = _snapshot(model)
+        previous = sys.gettrace()  # a coverage tool's tracer is put back afterwards
         sys.settrace(global_)
         try:
             op(model)
@@ -234,7 +235,7 @@ def _line_interrupts(model_fn, op, check_interrupted, limit: int | None = None) 
         except Interrupt:
             raised = True
         finally:
-            sys.settrace(None)
+            sys.settrace(previous)
         return count, model, before, raised
 
     total, _, _, raised = run(None)
