@@ -1,16 +1,28 @@
-"""Merge and unmerge of one 4096×11008 layer (LoRA r=16) against the memory-bound limit.
+"""Merge and unmerge of LoRA r=16 against PEFT's, in one run, each direction and dtype on its own.
 
-The limit is one read and one write of the weight, measured in the same run as a plain
-``dst.copy_(W)``. Every merge must read and write the weight once, so ``merge / copy`` cannot go
-below 1; lorazoo's figure includes all of its exact-unmerge bookkeeping (the int8 record and the
-sparse / wide forms). PEFT (``LoraLayer.merge`` / ``unmerge``) is timed on an identical copy.
-After the timed rounds, the weights are compared with the originals: lorazoo must be bit for bit
-identical; PEFT's plain subtraction drifts, reported as max |Δ| and the share of elements changed.
+Two cases, each in fp32 and bf16:
 
-``W ~ N(0, 0.02²)`` (the Llama initialisation) and ``B`` is drawn so that ``|s·B·A|`` is about
-``--rel`` of ``|W|`` (default 10 %, a trained adapter).
+* **model**: every linear layer of a four-layer Llama (hidden 1024, intermediate 2752, built
+  from ``transformers.LlamaConfig``, random weights, nothing downloaded): ``lorazoo.merge`` /
+  ``lorazoo.unmerge`` against PEFT's ``merge_adapter`` / ``unmerge_adapter`` on an identical
+  copy with the same factors. Targets: merge ≤ 2× PEFT, unmerge ≤ 1× PEFT.
+* **layer**: one 4096×11008 layer (``LoraLayer.merge`` / ``unmerge`` for PEFT), with a plain
+  copy of the weight (one read and one write, the memory-bound limit) for scale. Target: merge
+  ≤ 1.5× PEFT; unmerge reported.
 
-    python benchmarks/bench_merge.py [--quick] [--rel 0.1] [--threads 1]
+lorazoo's times include all of its bookkeeping (the exact-unmerge record, the merged factors,
+the checksum, the rollback state); PEFT's subtraction is not exact, so after the timed rounds
+the weights are compared with the originals: lorazoo's must be bit for bit identical, PEFT's
+drift is reported. Each ratio is formed per round (one lorazoo and one PEFT call, in alternating
+order, process time) and summarised as median [interquartile range]; ``met`` / ``missed`` when the
+whole range is on one side of the target, else ``inconclusive``.
+
+``W`` is the model's initialisation (N(0, 0.02²) for Llama); ``B`` is drawn so that ``|s·B·A|``
+is about ``--rel`` of ``|W|`` (default 10 %, a trained adapter).
+
+    python benchmarks/bench_merge.py [--quick] [--rel 0.1] [--threads 1] [--repeats N]
+
+One intra-op thread and few rounds by default, to spare a shared machine.
 """
 
 from __future__ import annotations
@@ -21,10 +33,10 @@ import time
 
 import torch
 from _common import (
+    LLAMA_TARGETS,
     NOT_INSTALLED,
     fmt,
     markdown_table,
-    paired,
     peft_lora_config,
     peft_module,
     record,
@@ -37,173 +49,210 @@ from torch import nn
 import lorazoo
 
 D_IN, D_OUT, R = 4096, 11008, 16
+TARGETS = {("model", "merge"): 2.0, ("model", "unmerge"): 1.0, ("layer", "merge"): 1.5}
 
 
-def _layer(dtype: torch.dtype, d_in: int, d_out: int) -> nn.Sequential:
+def _set_b(A: torch.Tensor, B: torch.Tensor, scale: float, rel: float, std: float = 0.02) -> None:
+    """Draw ``B`` so that the update's entries have about ``rel`` times the weight's ``std``."""
+    row = A.float().pow(2).sum(1).mean().sqrt()
+    with torch.no_grad():
+        B.normal_(std=rel * std / (scale * float(row)))
+
+
+def _llama(dtype: torch.dtype, quick: bool) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers = (256, 688, 2) if quick else (1024, 2752, 4)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        vocab_size=1024,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _layer(dtype: torch.dtype, d_in: int, d_out: int) -> nn.Module:
     torch.manual_seed(0)
     lin = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
     with torch.no_grad():
         lin.weight.normal_(std=0.02)
-    return nn.Sequential(lin)
+    return nn.Sequential(lin).eval()
 
 
-def _set_b(A: torch.Tensor, B: torch.Tensor, scale: float, rel: float) -> None:
-    """Draw ``B`` so that the update's entries have about ``rel`` times the weight's 0.02 std."""
-    row = A.float().pow(2).sum(1).mean().sqrt()
+def _pair(model: nn.Module, targets: list[str], rel: float, peft):
+    """``(ours, theirs)``: lorazoo and PEFT LoRA adapters with the same factors on two copies."""
+    theirs = copy.deepcopy(model) if peft is not None else None
+    lorazoo.inject(model, "lora", targets=targets, r=R, alpha=2 * R)
+    for _, host in lorazoo.engine.hosts(model):
+        a = host.adapters["default"]
+        _set_b(a.lora_A, a.lora_B, a.scale, rel)
+    if theirs is None:
+        return model, None
+    theirs = peft.get_peft_model(theirs, peft_lora_config(R, 2 * R, targets))
+    ours = dict(lorazoo.engine.hosts(model))
     with torch.no_grad():
-        B.normal_(std=rel * 0.02 / (scale * float(row)))
+        for name, mod in theirs.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                path = name.removeprefix("base_model.model.")
+                a = ours[path].adapters["default"]
+                mod.lora_A["default"].weight.copy_(a.lora_A)
+                mod.lora_B["default"].weight.copy_(a.lora_B)
+    return model, theirs
 
 
-def _split(copy_fn, merge_fn, unmerge_fn, repeats: int) -> tuple:
-    """``merge / copy`` and ``unmerge / copy`` per round (process time); the copy runs before
-    the merge in even rounds and after the unmerge in odd ones."""
-    m, u = [], []
-    merge_fn()
-    unmerge_fn()
-    for i in range(repeats):
-        if i % 2 == 0:
-            c0 = time.process_time()
-            copy_fn()
-            c = time.process_time() - c0
-        t0 = time.process_time()
-        merge_fn()
-        t1 = time.process_time()
-        unmerge_fn()
-        t2 = time.process_time()
-        if i % 2:
-            c0 = time.process_time()
-            copy_fn()
-            c = time.process_time() - c0
-        m.append((t1 - t0) / c)
-        u.append((t2 - t1) / c)
-    return stats(m), stats(u)
+def _rounds(calls: dict[str, object], repeats: int) -> dict[str, list[float]]:
+    """Process time per call; each round runs lorazoo's merge+unmerge and PEFT's, alternating
+    which goes first. One untimed warm-up round."""
+    names = list(calls)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    groups = [names[:2], names[2:]] if len(names) == 4 else [names]
+    for i in range(repeats + 1):
+        order = groups if i % 2 == 0 else list(reversed(groups))
+        for group in order:
+            for name in group:
+                t0 = time.process_time()
+                calls[name]()
+                dt = time.process_time() - t0
+                if i:
+                    out[name].append(dt)
+    return out
+
+
+def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.detach().contiguous().view(torch.uint8), b.detach().contiguous().view(torch.uint8))
+
+
+def _drift(now: torch.Tensor, before: torch.Tensor) -> str:
+    delta = (now.float() - before.float()).abs()
+    changed = (now != before).float().mean().item()
+    return f"max |Δ| {delta.max().item():.2e}, {100 * changed:.1f} % changed"
+
+
+def _case(case: str, dtype: torch.dtype, args, peft, rows: list, drift_rows: list, notes: list) -> None:
+    name = str(dtype).replace("torch.", "")
+    if case == "model":
+        model, targets = _llama(dtype, args.quick), LLAMA_TARGETS
+    else:
+        d_in, d_out = (1024, 2752) if args.quick else (D_IN, D_OUT)
+        model, targets = _layer(dtype, d_in, d_out), ["0"]
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ours, theirs = _pair(model, targets, args.rel, peft)
+    calls = {"lorazoo merge": lambda: lorazoo.merge(ours), "lorazoo unmerge": lambda: lorazoo.unmerge(ours)}
+    if theirs is not None:
+        if case == "model":
+            calls["PEFT merge"] = theirs.merge_adapter
+            calls["PEFT unmerge"] = theirs.unmerge_adapter
+        else:
+            layer = theirs.base_model.model[0]
+            calls["PEFT merge"] = layer.merge
+            calls["PEFT unmerge"] = layer.unmerge
+    repeats = args.repeats or (3 if case == "layer" else 5)
+    t = _rounds(calls, repeats)
+    for direction in ("merge", "unmerge"):
+        ours_t = stats(t[f"lorazoo {direction}"])
+        target = TARGETS.get((case, direction))
+        if theirs is not None:
+            r = stats([a / b for a, b in zip(t[f"lorazoo {direction}"], t[f"PEFT {direction}"], strict=True)])
+            peft_t = fmt(stats(t[f"PEFT {direction}"]), unit=" s")
+            ratio, judged = fmt(r), (verdict(r, target) if target else "(reported)")
+        else:
+            peft_t = ratio = NOT_INSTALLED
+            judged = "(no PEFT)"
+        rows.append(
+            [
+                case,
+                name,
+                direction,
+                fmt(ours_t, unit=" s"),
+                peft_t,
+                ratio,
+                f"≤ {target}×" if target else "–",
+                judged,
+            ]
+        )
+    if case == "layer":
+        w = ours[0].weight.data
+        dst = torch.empty_like(w)
+        c = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            dst.copy_(w)
+            c.append(time.process_time() - t0)
+        m = stats(t["lorazoo merge"]).median
+        u = stats(t["lorazoo unmerge"]).median
+        cm = stats(c).median
+        notes.append(
+            f"layer {name}: one copy of the weight {cm * 1e3:.1f} ms; lorazoo merge {m / cm:.2g}× and "
+            f"unmerge {u / cm:.2g}× that copy"
+        )
+    rep = lorazoo.merge_report(lorazoo.merge(ours))
+    lorazoo.unmerge(ours)
+    notes.append(
+        f"{case} {name}: bytes held while merged {rep.bytes_per_element:.3f} per element, "
+        f"{rep.wide_elements} elements kept whole"
+    )
+    exact = all(_bitwise(ours.state_dict()[k], v) for k, v in original.items())
+    rounds = 2 * (repeats + 1) + 1
+    if theirs is not None:
+        sd = {
+            k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+            for k, v in theirs.state_dict().items()
+        }
+        worst = max(
+            (original[k] - sd[k]).abs().max().item()
+            for k in original
+            if k in sd and original[k].is_floating_point()
+        )
+        changed = [k for k in original if k in sd and not torch.equal(sd[k], original[k])]
+        some = changed[0] if changed else None
+        pdrift = f"max |Δ| {worst:.2e}; {len(changed)} tensors changed" + (
+            f" ({some}: {_drift(sd[some], original[some])})" if some else ""
+        )
+    else:
+        pdrift = NOT_INSTALLED
+    drift_rows.append(
+        [case, name, f"{'bit for bit identical' if exact else 'CHANGED'} after {rounds} rounds", pdrift]
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 1024×2752 layer, few rounds")
+    ap.add_argument("--quick", action="store_true", help="a small model and a 1024×2752 layer")
     ap.add_argument("--rel", type=float, default=0.1, help="|ΔW| / |W| (default 0.1)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 model, 3 layer)")
+    ap.add_argument("--case", choices=["model", "layer", "both"], default="both")
     args = ap.parse_args()
     set_threads(args.threads)
-    d_in, d_out = (1024, 2752) if args.quick else (D_IN, D_OUT)
-    repeats = args.repeats or (3 if args.quick else 11)
     peft = peft_module()
-    rows, drift_rows, notes = [], [], []
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).replace("torch.", "")
-        ours = _layer(dtype, d_in, d_out)
-        original = ours[0].weight.detach().clone()
-        theirs = copy.deepcopy(ours)
-        lorazoo.inject(ours, "lora", targets=nn.Linear, r=R, alpha=2 * R)
-        a = ours[0].adapters["default"]
-        _set_b(a.lora_A, a.lora_B, a.scale, args.rel)
-        w = ours[0].weight.data
-        dst = torch.empty_like(w)
-        cases = {
-            "copy": lambda dst=dst, w=w: dst.copy_(w),
-            "lorazoo merge+unmerge": lambda m=ours: lorazoo.unmerge(lorazoo.merge(m)),
-        }
-        peft_layer = None
-        if peft is not None:
-            peft.inject_adapter_in_model(peft_lora_config(R, 2 * R, ["0"]), theirs)
-            peft_layer = theirs[0]
-            with torch.no_grad():
-                peft_layer.lora_A["default"].weight.copy_(a.lora_A)
-                peft_layer.lora_B["default"].weight.copy_(a.lora_B)
-
-            def pf_both(layer=peft_layer):
-                layer.merge()
-                layer.unmerge()
-
-            cases["PEFT merge+unmerge"] = pf_both
-        samples = paired(cases, repeats=repeats, warmup=1)
-        # merge and unmerge alone: each pair is (copy, merge, unmerge), the copy first or last
-        lm, lu = _split(
-            cases["copy"], lambda m=ours: lorazoo.merge(m), lambda m=ours: lorazoo.unmerge(m), repeats
-        )
-        if peft_layer is not None:
-            pm, pu = _split(cases["copy"], peft_layer.merge, peft_layer.unmerge, repeats)
-        copy_ms = stats(samples["copy"]["cpu"])
-        for clock in ("cpu", "wall"):
-            both = stats(
-                [
-                    x / c / 2
-                    for x, c in zip(
-                        samples["lorazoo merge+unmerge"][clock], samples["copy"][clock], strict=True
-                    )
-                ]
-            )
-            pboth = (
-                stats(
-                    [
-                        x / c / 2
-                        for x, c in zip(
-                            samples["PEFT merge+unmerge"][clock], samples["copy"][clock], strict=True
-                        )
-                    ]
-                )
-                if peft_layer is not None
-                else None
-            )
-            rows.append(
-                [
-                    name,
-                    clock,
-                    fmt(stats(samples["copy"][clock]), unit=" ms", scale=1e3),
-                    fmt(both),
-                    fmt(pboth) if pboth else NOT_INSTALLED,
-                    verdict(both, 4.0),
-                ]
-            )
-        notes.append(
-            f"{name}: merge alone {fmt(lm)}× copy, unmerge alone {fmt(lu)}× copy (lorazoo, process time)"
-            + (f"; PEFT merge {fmt(pm)}×, unmerge {fmt(pu)}×" if peft_layer is not None else "")
-            + f"; copy of the weight {copy_ms.median * 1e3:.1f} ms"
-        )
-        rep = lorazoo.merge_report(lorazoo.merge(ours))
-        form = "sparse" if ours[0].merged.residual.dense is None else "dense"
-        lorazoo.unmerge(ours)
-        notes.append(
-            f"{name}: bytes held while merged {rep.bytes_per_element:.3f} per element ({form} "
-            f"record), {rep.wide_elements} wide elements"
-        )
-        # drift after every round: paired (1 warm-up + repeats), split (1 + repeats), the report
-        exact = torch.equal(ours[0].weight.detach().view(torch.uint8), original.view(torch.uint8))
-        rounds = 2 * repeats + 3
-        if peft_layer is not None:
-            base = theirs[0].get_base_layer().weight.detach()
-            delta = (base.float() - original.float()).abs()
-            changed = (base != original).float().mean().item()
-            pdrift = f"max {delta.max().item():.2e}, {100 * changed:.2f} % of elements changed"
-            rounds_p = 2 * repeats + 2
-        else:
-            pdrift, rounds_p = NOT_INSTALLED, 0
-        drift_rows.append(
-            [
-                name,
-                f"{'bit-identical' if exact else 'CHANGED'} after {rounds} rounds",
-                f"{pdrift} after {rounds_p} rounds",
-            ]
-        )
-    header = [
-        "dtype",
-        "clock",
-        "copy (1 read + 1 write)",
-        "lorazoo (merge+unmerge)/2 ÷ copy",
-        "PEFT ÷ copy",
-        "target ≤ 4×",
-    ]
+    print(
+        f"bench_merge: {torch.get_num_threads()} intra-op thread(s), "
+        f"{args.repeats or '5 (model) / 3 (layer)'} timed rounds after one warm-up, process time"
+    )
+    rows: list = []
+    drift_rows: list = []
+    notes: list = []
+    cases = ["model", "layer"] if args.case == "both" else [args.case]
+    for case in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            _case(case, dtype, args, peft, rows, drift_rows, notes)
+    header = ["case", "dtype", "direction", "lorazoo", "PEFT", "lorazoo ÷ PEFT", "target", "verdict"]
     table = markdown_table(header, rows)
-    table += "\n\n" + markdown_table(["dtype", "lorazoo base weight", "PEFT base weight"], drift_rows)
+    table += "\n\n" + markdown_table(
+        ["case", "dtype", "lorazoo base weights", "PEFT base weights"], drift_rows
+    )
+    size = "small model, 1024×2752 layer" if args.quick else "4-layer Llama 1024/2752, 4096×11008 layer"
     record(
-        f"Merge + unmerge vs one read+write of the weight ({d_out}×{d_in}, LoRA r={R}, "
-        f"|ΔW|/|W|≈{args.rel:g})",
+        f"Merge and unmerge against PEFT, each direction ({size}, LoRA r={R}, |ΔW|/|W|≈{args.rel:g}, "
+        f"{torch.get_num_threads()} thread)",
         table,
-        "Each figure is per direction: (merge + unmerge) / 2 divided by the copy time of the same pair, "
-        "median [interquartile range] over interleaved pairs; 'inconclusive' means the range straddles "
-        "the target.\n\n" + "\n".join(f"* {n}" for n in notes),
+        "Process time per call, median [interquartile range]; each ratio is formed per round. "
+        "lorazoo includes all of its exact-unmerge and rollback bookkeeping.\n\n"
+        + "\n".join(f"* {n}" for n in notes),
     )
 
 

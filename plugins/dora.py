@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorazoo
-from lorazoo.engine.exact import acc_dtype  # norms accumulate where merges do
+from lorazoo.engine.exact import acc_dtype, version  # norms accumulate where merges do
 
 if TYPE_CHECKING:
     from lorazoo.engine.layer import AdaptedLinear
@@ -479,7 +479,7 @@ class DoRA(lorazoo.LowRankAdapter):
             return None
         return (
             weight.data_ptr(),
-            weight._version,
+            version(weight),  # None for an inference tensor: never cached
             weight.dtype,
             weight.device,
             tuple(weight.shape),
@@ -488,7 +488,9 @@ class DoRA(lorazoo.LowRankAdapter):
 
     def _cached(self, slot: str, key: tuple | None, weight: Tensor) -> Tensor | None:
         entry = self._cache.get(slot)
-        if key is not None and entry is not None and entry[0]() is weight and entry[1] == key:
+        if key is None or None in key or entry is None:
+            return None
+        if entry[0]() is weight and entry[1] == key:
             return entry[2]
         return None
 
@@ -513,9 +515,9 @@ class DoRA(lorazoo.LowRankAdapter):
             # norm is one operator of the graph, computed every call.
             return _traced_row_norms(weight.detach(), A.detach(), B.detach(), self.scale)
         base = self._base_key(weight)
-        key = (
-            None if base is None else (*base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
-        )
+        key = None
+        if base is not None:
+            key = (*base, A.data_ptr(), version(A), B.data_ptr(), version(B), self.scale)
         n = self._cached("norm", key, weight)
         if n is None:
             wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None

@@ -16,6 +16,10 @@ Exactness, weaker than LoRA's where it must be:
   a merge or not — restores the **original** ``W`` bit for bit: the rewrite goes through
   ``host.patch_base``, which keeps ``A₀``, ``−s·B₀`` and a one-byte-per-element bit-pattern
   residual instead of a copy of ``W``.
+* **After a cast** (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``), "the original"
+  means the cast of the original: the host takes the rewrite out in the old dtype (exactly),
+  casts ``W``, and rewrites it again in the new dtype, so ``eject`` gives ``cast(W)`` bit for
+  bit and ``W_res`` is re-derived from it (within rounding of the cast of the old ``W_res``).
 
 Files hold ``lora_A``, ``lora_B`` relative to ``W_res``, as PEFT's do. ``lorazoo.load`` builds
 the adapter on the original base (re-running the QR), copies the file's ``A``, ``B`` in, and only

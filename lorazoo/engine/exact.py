@@ -11,8 +11,14 @@ in a sparse list. The revert recomputes the same undo and adds the differences b
 the original bits exactly.
 
 The revert must recompute the undo bit for bit, so both directions share one code path, one row
-partition and the same factor tensors. Callers check, with :func:`fingerprint`, that the factors
-did not change in between.
+partition and the same factor tensors: callers keep the factors they applied (they are
+adapter-sized) and revert with those, whatever happened to the adapter since.
+
+Each direction is all or nothing. Rows are written one chunk at a time; if anything is raised
+between two chunks (:func:`lorazoo.engine._interrupt.checkpoint` marks those points), the rows
+already written are put back exactly before the exception propagates: an interrupted update is
+reverted with the part of the record made so far, an interrupted revert is re-applied (the same
+operations on the restored originals give the same merged bits).
 
 Work is done in row chunks sized to stay in cache: the weight is read and written once, and the
 update ``Bc·Ac`` is never materialised at full size.
@@ -20,11 +26,14 @@ update ``Bc·Ac`` is never materialised at full size.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import _interrupt
 from .distributed import local_view
 
 _BITS = {
@@ -33,7 +42,7 @@ _BITS = {
     torch.bfloat16: torch.int16,
     torch.float16: torch.int16,
 }
-_CHUNK_BYTES = 1 << 18  # bytes of one acc-dtype row chunk; ~4 such buffers stay in a 2 MiB L2
+_CHUNK_BYTES = 1 << 20  # bytes of one acc-dtype row chunk (bench_merge.py: fewer calls beat staying in L2)
 _BLOCK = 64  # elements per block when screening a chunk for wide entries
 _CHUNK_BYTES_CUDA = 1 << 26  # on a GPU, large chunks: the per-chunk range check synchronises
 
@@ -59,6 +68,7 @@ class Residual:
     values: Tensor | None  # int8 corrections at ``index`` (sparse form)
     wide_index: Tensor  # positions whose correction does not fit int8
     wide_bits: Tensor  # original bit patterns at ``wide_index``
+    merged_sum: int = 0  # :func:`content_sum` of the weight as the update left it
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +89,8 @@ def _factors(B: Tensor, A: Tensor, g: Tensor | None, acc: torch.dtype, device: t
     B = B.to(device=device, dtype=acc)
     A = A.to(device=device, dtype=acc)
     if g is not None:
-        g = g.to(device=device, dtype=acc).unsqueeze(1)
+        g = g.to(device=device, dtype=acc)
+        g = g.unsqueeze(1) if g.dim() == 1 else g
     return B, A, g
 
 
@@ -124,20 +135,26 @@ def _undo_into(merged: Tensor, d: Tensor, g: Tensor | None, back_lp: Tensor | No
     return back_lp
 
 
-def _out_of_int8(diff: Tensor) -> Tensor:
+def _out_of_int8(diff: Tensor, lo: int | None = None, hi: int | None = None) -> Tensor:
     """Flat positions of the entries of ``diff`` outside ``[-128, 127]``.
 
     They are few (elements whose update dwarfs them), so blocks of 64 are screened first with
-    one reduction and only blocks that hold any are searched element by element. (``abs`` maps
-    the most negative integer to itself, so such an entry would escape the screen: the search
-    then falls back to every element.)
+    one reduction (per block maximum and/or minimum, as ``diff``'s overall minimum ``lo`` and
+    maximum ``hi`` require) and only blocks that hold any are searched element by element.
     """
     flat = diff.reshape(-1)
     n = flat.numel()
-    if n % _BLOCK or int(flat.amin()) == torch.iinfo(flat.dtype).min:
+    if n % _BLOCK:
         return torch.nonzero((flat < -128) | (flat > 127)).squeeze(1)
+    if lo is None or hi is None:
+        lo, hi = (int(v) for v in torch.aminmax(flat))
     blocks = flat.view(-1, _BLOCK)
-    hot = torch.nonzero(blocks.abs().amax(1) > 127).squeeze(1)
+    if hi > 127 and lo < -128:
+        hot = torch.nonzero((blocks.amax(1) > 127) | (blocks.amin(1) < -128)).squeeze(1)
+    elif hi > 127:
+        hot = torch.nonzero(blocks.amax(1) > 127).squeeze(1)
+    else:
+        hot = torch.nonzero(blocks.amin(1) < -128).squeeze(1)
     sub = blocks[hot]
     hit = torch.nonzero((sub < -128) | (sub > 127))
     return hot[hit[:, 0]] * _BLOCK + hit[:, 1]
@@ -179,19 +196,98 @@ def _nonzero_int8(flat: Tensor) -> Tensor:
     return found
 
 
+def _bounds(index: Tensor | None, d_in: int, starts: list[int]) -> list[int] | None:
+    """Positions in the ascending flat ``index`` where each row chunk starts (and the end)."""
+    if index is None or not index.numel():
+        return None
+    edges = torch.tensor([s * d_in for s in starts], dtype=index.dtype, device=index.device)
+    return [*torch.searchsorted(index, edges).tolist(), index.numel()]
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(_BITS[a.dtype]), b.view(_BITS[b.dtype]))
+
+
+_MASK = (1 << 32) - 1
+
+
+def _bits_sum(t: Tensor) -> int:
+    """Sum of the IEEE bit patterns of ``t``'s elements modulo 2³², the same for any layout and
+    any partition into chunks (modular addition is associative). Summed in int32 (wrapping),
+    which vectorises; an int64 sum costs as much as the whole merge's arithmetic."""
+    bits = t.view(_BITS[t.dtype])
+    return int(bits.sum(dtype=torch.int32 if bits.dtype != torch.int64 else torch.int64)) & _MASK
+
+
+def content_sum(weight: Tensor) -> int:
+    """A checksum of a weight's contents, equal to the one :func:`apply_update` records for what it
+    wrote. Unlike a storage address or a version counter it survives copies, pickling and moves."""
+    w = weight.detach()
+    if w.dtype not in _BITS:
+        return -1
+    return _bits_sum(w if w.is_contiguous() else w.contiguous())
+
+
+def _cat(parts: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+
+
+class _Rows:
+    """The row partition both directions share, and the chunk currently being written."""
+
+    def __init__(self, weight: Tensor, acc: torch.dtype):
+        d_out, d_in = weight.shape
+        step = chunk_rows(d_out, d_in, weight.device, acc.itemsize)
+        self.d_out, self.d_in, self.step = d_out, d_in, step
+        self.starts = list(range(0, d_out, step))
+        self.done = 0  # rows [0, done) are written
+        self.inflight: tuple[int, Tensor] | None = None  # (start, values) of the chunk being written
+
+    def written(self, weight: Tensor) -> int:
+        """Rows written so far, including the chunk in flight if its write went through."""
+        if self.inflight is not None:
+            start, values = self.inflight
+            if start == self.done and _same_bits(weight[start : start + values.shape[0]], values):
+                return start + values.shape[0]
+        return self.done
+
+
+def _check_dtype(weight: Tensor) -> None:
+    if weight.dtype not in _BITS:
+        raise TypeError(f"exact updates support float32/float64/bfloat16/float16, not {weight.dtype}")
+
+
+def _via_contiguous(weight: Tensor, body) -> Any:
+    """Run ``body`` on a contiguous copy of ``weight``, then write it back in one copy: the weight
+    itself is changed in one operation, or not at all."""
+    work = weight.contiguous()
+    out = body(work)
+    weight.copy_(work)
+    return out
+
+
 @torch.no_grad()
-def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) -> Residual:
+def apply_update(
+    weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None, *, interruptible: bool = True
+) -> Residual:
     """``weight ← cast(g ⊙_row weight + B·A)`` in place; returns what :func:`revert_update`
     needs to restore ``weight`` bit for bit. ``weight`` is ``d_out × d_in``; ``B`` is
-    ``d_out × k``, ``A`` is ``k × d_in``, ``g`` (optional) has length ``d_out``."""
-    dtype = weight.dtype
-    if dtype not in _BITS:
-        raise TypeError(f"exact updates support float32/float64/bfloat16/float16, not {dtype}")
+    ``d_out × k``, ``A`` is ``k × d_in``, ``g`` (optional) has length ``d_out``.
+
+    All or nothing: if anything is raised (a ``KeyboardInterrupt`` between two chunks
+    included), the rows already written are reverted exactly before it propagates."""
+    _check_dtype(weight)
     if not weight.is_contiguous():
         work = weight.contiguous()
-        res = apply_update(work, B, A, g)
-        weight.copy_(work)
-        return res
+        res = apply_update(work, B, A, g, interruptible=interruptible)
+        try:
+            weight.copy_(work)
+            return res
+        except BaseException:
+            revert_update(work, B, A, g, res, interruptible=False)
+            weight.copy_(work)
+            raise
+    dtype = weight.dtype
     acc = acc_dtype(dtype)
     d_out, d_in = weight.shape
     device = weight.device
@@ -200,99 +296,197 @@ def apply_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None = None) 
     numel = weight.numel()
     dense = torch.empty(numel, dtype=torch.int8, device=device)
     itype = torch.int32 if numel < 2**31 else torch.int64
-    wide_index: list[Tensor] = []
-    wide_bits: list[Tensor] = []
-    step = chunk_rows(d_out, d_in, device, acc.itemsize)
+    wide: list[tuple[Tensor, Tensor]] = []  # (flat positions, original bits) per chunk
+    part = _Rows(weight, acc)
+    step = part.step
     buf = _Work(min(step, d_out), d_in, dtype, acc, device)
-    for start in range(0, d_out, step):
-        stop = min(d_out, start + step)
-        rows = stop - start
-        w = weight[start:stop]
-        gc = g[start:stop] if g is not None else None
-        d, m, m_lp, b_lp = buf.take(rows)
-        torch.mm(B[start:stop], A, out=d)
-        if gc is None:
-            # computed in the accumulation dtype (a low-precision w is widened exactly inside
-            # the add) and rounded once on the write
-            merged = torch.add(w, d, out=m if m_lp is None else m_lp)
-        else:
-            m.copy_(w)
-            torch.addcmul(d, m, gc, out=m)
-            merged = m if m_lp is None else m_lp.copy_(m)
-        back = _undo_into(merged, d, gc, b_lp)
-        # bits(original) - bits(undo), wrapping in the native integer width; restoring adds it
-        # back with the same wrap, so the round trip is exact even across sign changes.
-        diff = back.view(ibits)
-        torch.sub(w.view(ibits), diff, out=diff)
-        lo_bits, hi_bits = torch.aminmax(diff)
-        # entries outside int8 wrap here; their positions are overwritten on revert anyway
-        dense[start * d_in : stop * d_in].view(rows, d_in).copy_(diff)
-        if int(lo_bits) < -128 or int(hi_bits) > 127:  # originals lost in W' (|W| ≪ |ΔW|): keep their bits
-            idx = _out_of_int8(diff)
-            wide_index.append((idx + start * d_in).to(itype))
-            wide_bits.append(w.view(ibits).reshape(-1)[idx].clone())
-        w.copy_(merged)
-    res = Residual(
-        numel=numel,
-        dense=dense,
-        index=None,
-        values=None,
-        wide_index=torch.cat(wide_index) if wide_index else torch.empty(0, dtype=itype, device=device),
-        wide_bits=torch.cat(wide_bits) if wide_bits else torch.empty(0, dtype=ibits, device=device),
-    )
-    if _sparse_pays(dense, itype.itemsize + 1):
-        nz = _nonzero_int8(dense)
-        if nz.numel() * (itype.itemsize + 1) < numel:  # the sample can mislead; the size cannot
-            res.index = nz.to(itype)
-            res.values = dense[nz]
-            res.dense = None
-    return res
+    total = 0
+    try:
+        for start in part.starts:
+            if interruptible:
+                _interrupt.checkpoint()
+            stop = min(d_out, start + step)
+            rows = stop - start
+            w = weight[start:stop]
+            gc = g[start:stop] if g is not None else None
+            d, m, m_lp, b_lp = buf.take(rows)
+            torch.mm(B[start:stop], A, out=d)
+            if gc is None:
+                # computed in the accumulation dtype (a low-precision w is widened exactly inside
+                # the add) and rounded once on the write
+                merged = torch.add(w, d, out=m if m_lp is None else m_lp)
+            else:
+                m.copy_(w)
+                torch.addcmul(d, m, gc, out=m)
+                merged = m if m_lp is None else m_lp.copy_(m)
+            back = _undo_into(merged, d, gc, b_lp)
+            # bits(original) - bits(undo), wrapping in the native integer width; restoring adds it
+            # back with the same wrap, so the round trip is exact even across sign changes.
+            diff = back.view(ibits)
+            torch.sub(w.view(ibits), diff, out=diff)
+            lo_bits, hi_bits = torch.aminmax(diff)
+            # entries outside int8 wrap here; their positions are overwritten on revert anyway
+            dense[start * d_in : stop * d_in].view(rows, d_in).copy_(diff)
+            lo, hi = int(lo_bits), int(hi_bits)
+            if lo < -128 or hi > 127:  # originals lost in W' (|W| ≪ |ΔW|)
+                idx = _out_of_int8(diff, lo, hi)
+                wide.append(((idx + start * d_in).to(itype), w.view(ibits).reshape(-1)[idx].clone()))
+            total += _bits_sum(merged)
+            part.inflight = (start, merged)
+            w.copy_(merged)
+            part.done = stop
+            part.inflight = None
+        if interruptible:
+            _interrupt.checkpoint()
+        res = Residual(
+            numel=numel,
+            dense=dense,
+            index=None,
+            values=None,
+            wide_index=_cat([i for i, _ in wide], itype, device),
+            wide_bits=_cat([b for _, b in wide], ibits, device),
+            merged_sum=total & _MASK,
+        )
+        if _sparse_pays(dense, itype.itemsize + 1):
+            nz = _nonzero_int8(dense)
+            if nz.numel() * (itype.itemsize + 1) < numel:  # the sample can mislead; the size cannot
+                res = dataclasses.replace(res, dense=None, index=nz.to(itype), values=dense[nz])
+        return res
+    except BaseException:
+        written = part.written(weight)
+        if written:
+            limit = written * d_in
+            wi = _cat([i for i, _ in wide], itype, device)
+            wb = _cat([b for _, b in wide], ibits, device)
+            keep = wi < limit
+            partial = Residual(numel, dense, None, None, wi[keep], wb[keep], 0)
+            _revert(weight, B, A, g, partial, rows=written, interruptible=False)
+        raise
 
 
 @torch.no_grad()
-def revert_update(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None, residual: Residual | None) -> None:
+def revert_update(
+    weight: Tensor,
+    B: Tensor,
+    A: Tensor,
+    g: Tensor | None,
+    residual: Residual | None,
+    *,
+    interruptible: bool = True,
+) -> None:
     """Undo :func:`apply_update` in place. With ``residual`` the original bits come back exactly;
-    with ``None`` the undo is plain arithmetic (within rounding)."""
-    if not weight.is_contiguous():
-        if residual is not None:
-            raise RuntimeError("exact revert needs a contiguous weight")
-        work = weight.contiguous()
-        revert_update(work, B, A, g, None)
-        weight.copy_(work)
+    with ``None`` the undo is plain arithmetic (within rounding).
+
+    All or nothing: if anything is raised between two chunks, the rows already reverted are
+    brought back to their merged bits (recomputed exactly from the restored originals) before it
+    propagates. An arithmetic undo (``residual=None``) is not exactly re-doable, so it is made on
+    a copy and written back in one operation."""
+    _check_dtype(weight)
+    if residual is None or not weight.is_contiguous():
+        _via_contiguous(weight, lambda work: _revert(work, B, A, g, residual, interruptible=interruptible))
         return
+    _revert(weight, B, A, g, residual, interruptible=interruptible)
+
+
+def _revert(
+    weight: Tensor,
+    B: Tensor,
+    A: Tensor,
+    g: Tensor | None,
+    residual: Residual | None,
+    rows: int | None = None,
+    interruptible: bool = True,
+) -> None:
+    """Revert rows ``[0, rows)`` (all by default) of a contiguous weight, chunk by chunk; on an
+    exception the reverted rows are re-applied exactly (``residual`` given) before re-raising."""
     dtype = weight.dtype
     acc = acc_dtype(dtype)
     d_out, d_in = weight.shape
     device = weight.device
     B, A, g = _factors(B, A, g, acc, device)
     ibits = _BITS[dtype]
+    part = _Rows(weight, acc)
+    step = part.step
+    limit = d_out if rows is None else rows
+    starts = [s for s in part.starts if s < limit]
     dense = residual.dense if residual is not None else None
-    step = chunk_rows(d_out, d_in, device, acc.itemsize)
+    sp_at = _bounds(residual.index, d_in, starts) if residual is not None else None
+    wide_at = _bounds(residual.wide_index, d_in, starts) if residual is not None else None
     buf = _Work(min(step, d_out), d_in, dtype, acc, device)
-    for start in range(0, d_out, step):
-        stop = min(d_out, start + step)
-        rows = stop - start
+    try:
+        for i, start in enumerate(starts):
+            if interruptible:
+                _interrupt.checkpoint()
+            stop = min(limit, start + step)
+            n = stop - start
+            w = weight[start:stop]
+            d, _, _, b_lp = buf.take(n)
+            torch.mm(B[start:stop], A, out=d)
+            back = _undo_into(w, d, g[start:stop] if g is not None else None, b_lp)
+            if residual is not None:
+                bits = back.view(ibits)
+                flat = bits.view(-1)
+                off = start * d_in
+                if dense is not None:
+                    bits.add_(dense[off : stop * d_in].view(n, d_in))
+                if sp_at is not None and sp_at[i + 1] > sp_at[i]:
+                    idx = residual.index[sp_at[i] : sp_at[i + 1]].long() - off
+                    flat.index_add_(0, idx, residual.values[sp_at[i] : sp_at[i + 1]].to(ibits))
+                if wide_at is not None and wide_at[i + 1] > wide_at[i]:
+                    idx = residual.wide_index[wide_at[i] : wide_at[i + 1]].long() - off
+                    flat[idx] = residual.wide_bits[wide_at[i] : wide_at[i + 1]]
+            part.inflight = (start, back)
+            w.copy_(back)
+            part.done = stop
+            part.inflight = None
+        if interruptible:
+            _interrupt.checkpoint()
+    except BaseException:
+        written = part.written(weight)
+        if written and residual is not None:
+            _reapply(weight, B, A, g, written)
+        raise
+
+
+def _reapply(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None, rows: int) -> None:
+    """Write ``cast(g ⊙_row W + B·A)`` again over rows ``[0, rows)`` that a revert restored to
+    their original bits: the same operations on the same inputs give the merged bits back."""
+    dtype = weight.dtype
+    acc = acc_dtype(dtype)
+    d_in = weight.shape[1]
+    part = _Rows(weight, acc)
+    buf = _Work(min(part.step, part.d_out), d_in, dtype, acc, weight.device)
+    for start in part.starts:
+        if start >= rows:
+            break
+        stop = min(rows, start + part.step)
         w = weight[start:stop]
-        d, _, _, b_lp = buf.take(rows)
+        gc = g[start:stop] if g is not None else None
+        d, m, m_lp, _ = buf.take(stop - start)
         torch.mm(B[start:stop], A, out=d)
-        back = _undo_into(w, d, g[start:stop] if g is not None else None, b_lp)
-        if dense is not None:
-            back.view(ibits).add_(dense[start * d_in : stop * d_in].view(rows, d_in))
-        w.copy_(back)
-    if residual is None:
-        return
-    flat = weight.view(-1).view(ibits)
-    if residual.index is not None and residual.index.numel():
-        idx = residual.index.long()
-        flat[idx] += residual.values.to(ibits)
-    if residual.n_wide:
-        flat[residual.wide_index.long()] = residual.wide_bits
+        if gc is None:
+            merged = torch.add(w, d, out=m if m_lp is None else m_lp)
+        else:
+            m.copy_(w)
+            torch.addcmul(d, m, gc, out=m)
+            merged = m if m_lp is None else m_lp.copy_(m)
+        w.copy_(merged)
+
+
+def version(t: Tensor) -> int | None:
+    """``t``'s version counter, or None for an inference tensor (which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def fingerprint(*tensors: Tensor | None) -> tuple:
     """A cheap identity of tensors' contents: storage, version counter, shape, dtype.
 
-    Any in-place change (an optimizer step, ``copy_``, a load) bumps the version counter.
+    Any in-place change (an optimizer step, ``copy_``, a load) bumps the version counter. A match
+    proves nothing changed only when every version is known (:func:`same_print`); a mismatch
+    proves nothing either way (a copy has a new address and a fresh counter).
     """
     out = []
     for t in tensors:
@@ -300,5 +494,10 @@ def fingerprint(*tensors: Tensor | None) -> tuple:
             out.append(None)
             continue
         local = local_view(t)  # a sharded tensor (FSDP2): this process's shard
-        out.append((local.data_ptr(), local._version, tuple(t.shape), t.dtype, t.device))
+        out.append((local.data_ptr(), version(local), tuple(t.shape), local.stride(), t.dtype, t.device))
     return tuple(out)
+
+
+def same_print(a: tuple, b: tuple) -> bool:
+    """True when two fingerprints match and carry known versions."""
+    return a == b and all(x is None or x[1] is not None for x in a)

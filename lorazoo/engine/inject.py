@@ -8,7 +8,7 @@ rolls back what was done, so the model is either fully adapted or exactly as it 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,8 @@ from torch import nn
 from .. import registry
 from ..errors import ConfigError, LorazooError, MergeError
 from ..variant import LayerInfo, Variant, VariantConfig
-from .distributed import refuse_sharded
+from . import _interrupt
+from .distributed import local_view, refuse_sharded
 from .layer import AdaptedLinear, host_for, layer_dims, layer_kind
 from .targets import ALL_LINEAR, TargetSpec, resolve
 
@@ -29,6 +30,45 @@ _FROZEN = "_lorazoo_frozen"  # model attribute: requires_grad of every parameter
 def hosts(model: nn.Module) -> list[tuple[str, AdaptedLinear]]:
     """Every adapted layer of ``model`` with its path."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[start, stop)`` of ``t``'s storage that its elements occupy."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * size
+
+
+def tied_elsewhere(model: nn.Module, pairs: Sequence[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """For each ``(path, layer)``, the names of the model's other parameters whose elements
+    overlap the layer's weight in memory (an embedding tied to the output head). Writing that
+    weight in place would change those too. Views of disjoint parts of one buffer are not ties."""
+    by_storage: dict[tuple, list[tuple[str, tuple[int, int]]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type == "meta":
+            continue
+        p = local_view(p)  # a sharded parameter (FSDP2): this process's shard
+        key = (p.device, p.untyped_storage().data_ptr())
+        by_storage.setdefault(key, []).append((name, _extent(p)))
+    out = {}
+    for path, layer in pairs:
+        w = layer.weight
+        if w.device.type == "meta":
+            continue
+        w = local_view(w)
+        own = f"{path}.weight" if path else "weight"
+        lo, hi = _extent(w)
+        others = [
+            n
+            for n, (a, b) in by_storage.get((w.device, w.untyped_storage().data_ptr()), [])
+            if n != own and a < hi and lo < b
+        ]
+        if others:
+            out[path] = others
+    return out
 
 
 def adapter_names(model: nn.Module) -> dict[str, str]:
@@ -135,6 +175,15 @@ def plan(
                 "targets, or use a variant that does, e.g. 'lora'"
             )
         cls.check_layer(layer, cfg)
+    if cls.prepare_base is not Variant.prepare_base:
+        ties = tied_elsewhere(model, matches)
+        if ties:
+            path, others = next(iter(ties.items()))
+            raise ConfigError(
+                f"variant {cls.name!r} rewrites the base weight of each layer it adapts, but the "
+                f"weight of {path!r} is tied to {others} (one tensor shared by both), which the "
+                "rewrite would change too: leave that layer out of the targets or untie the weights"
+            )
     shared = cls.shared_state(cfg, layers)
     entries = []
     for (path, module), layer in zip(matches, layers, strict=False):
@@ -144,36 +193,91 @@ def plan(
     return Plan(name, cls, cfg, entries, shared)
 
 
-def commit(model: nn.Module, p: Plan) -> nn.Module:
-    """Apply a plan atomically."""
-    first = not hosts(model)
-    done: list[_Entry] = []
+def _restore_adapters(host: AdaptedLinear, items: list, active: tuple[str, ...]) -> None:
+    """Put a host's adapters (in their order) and active set back as they were."""
+    if list(host.adapters.items()) != items:
+        for k in list(host.adapters):
+            del host.adapters[k]
+        for k, v in items:
+            host.adapters[k] = v
+    host.active = active
+    host._refresh()
+
+
+def _restore_flags(model: nn.Module, frozen: dict | None, flags: dict[str, bool]) -> None:
+    if frozen is None:
+        model.__dict__.pop(_FROZEN, None)
+    else:
+        model.__dict__[_FROZEN] = frozen
+    for n, t in model.named_parameters():
+        if n in flags and t.requires_grad != flags[n]:
+            _set_grad(t, flags[n])
+
+
+def _set_grad(t: torch.Tensor, flag: bool) -> None:
+    """``t.requires_grad_(flag)``; an inference tensor (made under ``torch.inference_mode()``)
+    accepts it only in inference mode."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        with torch.inference_mode():
+            t.requires_grad_(flag)
+    else:
+        t.requires_grad_(flag)
+
+
+def _transaction(model: nn.Module, body: Callable[[list[Callable[[], None]]], None]) -> None:
+    """Run ``body(undo)``; each step of it first appends to ``undo`` an idempotent action that
+    takes the step back (doing nothing if it did not happen). On any exception the actions run
+    newest first, with the model's parameter flags restored last, and the exception propagates."""
+    frozen = model.__dict__.get(_FROZEN)
+    flags = {n: t.requires_grad for n, t in model.named_parameters()}
+    undo: list[Callable[[], None]] = []
     try:
-        for e in p.entries:
-            e.host.add_adapter(p.name, e.adapter)
-            done.append(e)
-            e.adapter.prepare_base(e.host, p.name)
+        body(undo)
     except BaseException:
-        for e in reversed(done):
-            e.host.unpatch_base(p.name)
-            e.host.remove_adapter(p.name)
+        for action in reversed(undo):
+            action()
+        _restore_flags(model, frozen, flags)
         raise
-    if first:
-        model.__dict__[_FROZEN] = {n: t.requires_grad for n, t in model.named_parameters()}
-        for t in model.parameters():
-            t.requires_grad_(False)
-    for e in p.entries:
-        if e.new_host:
-            e.host.weight.requires_grad_(False)
-            if e.host.bias is not None:
-                e.host.bias.requires_grad_(False)
-            _set_child(model, e.path, e.host)
-            # The host holds the base tensors now; eject hands them back. The original module
-            # keeping them too would keep a whole copy alive once a wrapper replaces the host's
-            # (fully_shard swaps in row shards).
-            e.host.original._parameters.update(
-                {k: None for k in ("weight", "bias") if k in e.host.original._parameters}
-            )
+
+
+def commit(model: nn.Module, p: Plan) -> nn.Module:
+    """Apply a plan atomically: on any exception (an interrupt included) the model is left
+    exactly as it was."""
+    first = not hosts(model)
+
+    def body(undo: list[Callable[[], None]]) -> None:
+        for e in p.entries:
+            _interrupt.checkpoint()
+            host = e.host
+            before = list(host.patches)
+            undo.append(lambda h=host, b=before: h.repatch(b[len(h.patches) :]) if h.patches != b else None)
+            undo.append(lambda h=host: h.unpatch_base(p.name, interruptible=False))
+            items, active = list(host.adapters.items()), host.active
+            undo.append(lambda h=host, i=items, a=active: _restore_adapters(h, i, a))
+            host.add_adapter(p.name, e.adapter)
+            e.adapter.prepare_base(host, p.name)
+        _interrupt.checkpoint()
+        if first:
+            model.__dict__[_FROZEN] = {n: t.requires_grad for n, t in model.named_parameters()}
+            for t in model.parameters():
+                t.requires_grad_(False)
+        for e in p.entries:
+            if e.new_host:
+                e.host.weight.requires_grad_(False)
+                if e.host.bias is not None:
+                    e.host.bias.requires_grad_(False)
+                original = model.get_submodule(e.path)
+                undo.append(lambda path=e.path, m=original: _set_child(model, path, m))
+                _set_child(model, e.path, e.host)
+                # The host holds the base tensors now; eject hands them back. The original module
+                # keeping them too would keep a whole copy alive once a wrapper replaces the host's
+                # (fully_shard swaps in row shards).
+                held = e.host.original._parameters
+                saved = {k: held[k] for k in ("weight", "bias") if k in held}
+                undo.append(lambda held=held, saved=saved: held.update(saved))
+                held.update(dict.fromkeys(saved))
+
+    _transaction(model, body)
     return model
 
 
@@ -206,7 +310,8 @@ def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
 def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (default: every adapter). Merged adapters are unmerged and base
     rewrites reverted first, so the original weights come back bit for bit; layers left without
-    adapters get their original module object back. Returns ``model``."""
+    adapters get their original module object back. All or nothing: on any exception (an
+    interrupt included) the model is left as it was. Returns ``model``."""
     present = adapter_names(model)
     if not present:
         raise LorazooError("the model has no lorazoo adapters to eject")
@@ -226,29 +331,47 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
             host.check_unmerge(exact=True, where=path)
         if name is not None:
             host.check_unpatch(name)
-    for path, host in affected:
-        if host.merged is not None:
-            keep = [n for n in host.merged.names if n not in names]
-            host.unmerge()
-        else:
-            keep = []
-        for owner in reversed([pt.owner for pt in host.patches if pt.owner in names]):
-            host.unpatch_base(owner)
-        for n in names:
-            if n in host.adapters:
-                host.remove_adapter(n)
-        if keep:
-            host.merge(keep)
-        if not host.adapters:
-            original = host.original
-            original.weight = host.weight
-            original.bias = host.bias
-            _set_child(model, path, original)
-    if not hosts(model):
-        flags = model.__dict__.pop(_FROZEN, {})
-        for n, t in model.named_parameters():
-            if n in flags:
-                t.requires_grad_(flags[n])
+
+    def body(undo: list[Callable[[], None]]) -> None:
+        for path, host in affected:
+            _interrupt.checkpoint()
+            state = host.merged
+            keep = [n for n in state.names if n not in names] if state is not None else []
+            if state is not None:
+                undo.append(lambda h=host, s=state: h.remerge(s) if h.merged is None else None)
+                host.unmerge()
+            before = list(host.patches)
+            undo.append(lambda h=host, b=before: h.repatch(b[len(h.patches) :]) if h.patches != b else None)
+            for owner in reversed(list(dict.fromkeys(pt.owner for pt in host.patches if pt.owner in names))):
+                host.unpatch_base(owner)
+            items, active = list(host.adapters.items()), host.active
+            undo.append(lambda h=host, i=items, a=active: _restore_adapters(h, i, a))
+            for n in names:
+                if n in host.adapters:
+                    host.remove_adapter(n)
+            if keep:
+                undo.append(
+                    lambda h=host, s=state: (
+                        h.unmerge(interruptible=False) if h.merged is not None and h.merged is not s else None
+                    )
+                )
+                host.merge(keep)
+            if not host.adapters:
+                undo.append(lambda path=path, h=host: _set_child(model, path, h))
+                original = host.original
+                held = {k: original._parameters.get(k) for k in ("weight", "bias")}
+                undo.append(lambda o=original, held=held: o._parameters.update(held))
+                original.weight = host.weight
+                original.bias = host.bias
+                _set_child(model, path, original)
+        _interrupt.checkpoint()
+        if not hosts(model):
+            flags = model.__dict__.pop(_FROZEN, {})
+            for n, t in model.named_parameters():
+                if n in flags:
+                    _set_grad(t, flags[n])
+
+    _transaction(model, body)
     return model
 
 

@@ -10,6 +10,7 @@ child) and put back by eject.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MergeError, RoutingError
-from .distributed import bump_version, gathered, local_update
-from .exact import Residual, acc_dtype, apply_update, fingerprint, revert_update
+from . import _interrupt
+from .distributed import bump_version, gathered, local_update, local_view
+from .exact import (
+    Residual,
+    acc_dtype,
+    apply_update,
+    content_sum,
+    fingerprint,
+    revert_update,
+    same_print,
+)
 
 if TYPE_CHECKING:
     from ..variant import Variant
@@ -188,13 +198,21 @@ def _addmm_rows(y: Tensor, route: Route, h: Tensor, B: Tensor, alpha: float) -> 
 
 @dataclass
 class MergeState:
-    """What a host remembers while adapters are merged into its weight."""
+    """What a host remembers while adapters are merged into its weight.
+
+    ``factors`` are the update exactly as applied (``B_c``, ``A_c``, ``g`` in the stored
+    weight's layout, in the accumulation dtype): the unmerge reverts with them, so it stays exact
+    when the adapters change while merged (an optimizer step), and they cost adapter-sized
+    memory. ``weight_print`` is a fast check that the weight was not touched since; when it does
+    not match (a copy, a pickle round trip, a move, an inference tensor), the weight's contents
+    are compared with the checksum of what the merge wrote (``residual.merged_sum``)."""
 
     names: tuple[str, ...]
     row_scales: list[Tensor | None]
     residual: Residual
-    adapter_print: tuple
+    factors: tuple[Tensor, Tensor, Tensor | None]
     weight_print: tuple
+    dtype: torch.dtype
 
 
 @dataclass
@@ -206,6 +224,31 @@ class BasePatch:
     A: Tensor
     row_scale: Tensor | None
     residual: Residual = field(repr=False)
+    dtype: torch.dtype | None = None  # the weight dtype the residual is for
+
+
+def _weight_writes(weight: Tensor) -> contextlib.AbstractContextManager:
+    """The context the engine writes ``weight`` in: an inference tensor (made under
+    ``torch.inference_mode()``) can only be changed in place in inference mode."""
+    return torch.inference_mode() if weight.is_inference() else contextlib.nullcontext()
+
+
+def _move(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _moved_residual(res: Residual, device: torch.device) -> Residual:
+    if res.wide_index.device == device:
+        return res
+    return Residual(
+        res.numel,
+        _move(res.dense, device),
+        _move(res.index, device),
+        _move(res.values, device),
+        res.wide_index.to(device),
+        res.wide_bits.to(device),
+        res.merged_sum,
+    )
 
 
 class AdaptedLinear(nn.Module):
@@ -439,8 +482,9 @@ class AdaptedLinear(nn.Module):
         self, names: Sequence[str], row_scales: Sequence[Tensor | None] | None
     ) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor | None]]:
         """Stacked ``(B_c, A_c, g)`` with ``ΣΔW_a(W) = (g − 1)⊙W + B_c·A_c`` and the per-adapter
-        row factors. With ``row_scales`` given (unmerge), those are used instead of asking the
-        adapters again (DoRA's factor depends on the pre-merge weight)."""
+        row factors. With ``row_scales`` given, those are used instead of asking the adapters
+        again (DoRA's factor depends on the pre-merge weight). The unmerge does not call this: it
+        reverts with the factors kept in :class:`MergeState`."""
         acc = acc_dtype(self.weight.dtype)
         weight = self.weight.detach()
         Bs, As, scales = [], [], []
@@ -467,13 +511,11 @@ class AdaptedLinear(nn.Module):
         ``d_out × d_in``, as the factors are)."""
         return B, A, g
 
-    def _adapter_print(self, names: Sequence[str]) -> tuple:
-        tensors = [t for n in names for t in (*self.adapters[n].parameters(), *self.adapters[n].buffers())]
-        return fingerprint(*tensors)
-
     @torch.no_grad()
-    def merge(self, names: Sequence[str]) -> MergeState:
-        """Fold ``names`` into the weight; the weight comes back bit-exactly on :meth:`unmerge`."""
+    def merge(self, names: Sequence[str], *, interruptible: bool = True) -> MergeState:
+        """Fold ``names`` into the weight; the weight comes back bit-exactly on :meth:`unmerge`.
+        All or nothing: on any exception (an interrupt included) the weight is left as it was
+        and nothing is recorded as merged."""
         if self.merged is not None:
             raise MergeError(f"adapters {list(self.merged.names)} are already merged; unmerge first")
         if self._routes is not None:
@@ -483,78 +525,154 @@ class AdaptedLinear(nn.Module):
             raise MergeError("nothing to merge")
         with gathered(self):  # sharded (FSDP2): the factors from whole tensors
             B, A, g, scales = self._factors(names, None)
-        residual = apply_update(*local_update(self.weight, *self._oriented(B, A, g)))
-        self._wrote_weight()
-        self.merged = MergeState(
-            names=names,
-            row_scales=scales,
-            residual=residual,
-            adapter_print=self._adapter_print(names),
-            weight_print=fingerprint(self.weight),
-        )
-        self._refresh()
-        return self.merged
+        weight = self.weight
+        # this process's rows of the update (all of it unless sharded); unmerge reverts with them
+        factors = local_update(weight, *self._oriented(B, A, g))[1:]
+        state = MergeState(names, scales, None, factors, (), weight.dtype)  # type: ignore[arg-type]
+        try:
+            with _weight_writes(weight):
+                state.residual = apply_update(local_view(weight).data, *factors, interruptible=interruptible)
+            if interruptible:
+                _interrupt.checkpoint()
+            self._wrote_weight()
+            state.weight_print = fingerprint(weight)
+            self.merged = state
+            self._refresh()
+        except BaseException:
+            if state.residual is not None:
+                with _weight_writes(weight):
+                    revert_update(local_view(weight).data, *factors, state.residual, interruptible=False)
+                self._wrote_weight()
+            self.merged = None
+            self._refresh()
+            raise
+        return state
 
     def _changed_while_merged(self) -> list[str]:
+        """What changed since the merge that makes the exact unmerge impossible."""
         state = self.merged
         assert state is not None
-        changed = []
-        if self._adapter_print(state.names) != state.adapter_print:
-            changed.append(f"adapter tensors of {list(state.names)}")
-        if fingerprint(self.weight) != state.weight_print:
-            changed.append("the merged base weight")
-        return changed
+        weight = self.weight
+        if weight.dtype != state.dtype:
+            return [f"the merged base weight's dtype (merged as {state.dtype}, now {weight.dtype})"]
+        if same_print(fingerprint(weight), state.weight_print):
+            return []
+        if content_sum(local_view(weight)) != state.residual.merged_sum:
+            return ["the merged base weight"]
+        state.weight_print = fingerprint(weight)  # same contents (a copy or a move): trust it again
+        return []
 
     def check_unmerge(self, exact: bool = True, where: str = "this layer") -> None:
         """Raise :class:`MergeError` if :meth:`unmerge` would refuse."""
         if self.merged is None:
             raise MergeError(f"nothing is merged into {where}")
+        if not exact:
+            return
         changed = self._changed_while_merged()
-        if changed and exact:
+        if changed:
             raise MergeError(
-                f"{' and '.join(changed)} changed while merged into {where}, so the exact "
-                "unmerge cannot reproduce the merge; call unmerge(..., exact=False) to subtract "
-                "the current update instead (the base then comes back within rounding, not bit "
-                "for bit)"
+                f"{' and '.join(changed)} changed while merged into {where} (it is no longer what "
+                "the merge wrote), so the base cannot be restored bit for bit. Restore the merged "
+                "weight and unmerge again, or call unmerge(..., exact=False): that subtracts the "
+                "merged update from the weight as it is now, which keeps your change to the "
+                "weight and is exact only to rounding"
             )
 
     @torch.no_grad()
-    def unmerge(self, exact: bool = True) -> None:
-        """Take merged adapters back out, restoring the weight bit for bit. ``exact=False``
-        allows plain subtraction when adapter or base tensors changed while merged."""
+    def unmerge(self, exact: bool = True, *, interruptible: bool = True) -> MergeState:
+        """Take merged adapters back out, restoring the weight bit for bit, with the update as it
+        was merged (the adapters may have changed since). ``exact=False`` also allows it when the
+        weight itself changed while merged: the update is then subtracted from the weight as it
+        is (within rounding). All or nothing; returns the state it removed."""
         self.check_unmerge(exact)
         state = self.merged
         assert state is not None
-        changed = self._changed_while_merged()
-        with gathered(self):
-            B, A, g, _ = self._factors(state.names, state.row_scales)
-        revert_update(
-            *local_update(self.weight, *self._oriented(B, A, g)), None if changed else state.residual
-        )
+        weight = self.weight
+        if weight.device != state.factors[0].device:
+            state = self._moved_state(state, weight.device)
+        exact_now = not self._changed_while_merged() if not exact else True
+        residual = state.residual if exact_now else None
+        before = None if residual is not None else content_sum(local_view(weight))
+        try:
+            with _weight_writes(weight):
+                revert_update(local_view(weight).data, *state.factors, residual, interruptible=interruptible)
+            if interruptible:
+                _interrupt.checkpoint()
+            self._wrote_weight()
+            self.merged = None
+            self._refresh()
+        except BaseException:
+            # The revert itself is all or nothing; whether it went through, the contents say.
+            now = content_sum(local_view(weight))
+            if residual is not None:
+                if now != state.residual.merged_sum:  # reverted: merge again, bit for bit
+                    with _weight_writes(weight):
+                        apply_update(local_view(weight).data, *state.factors, interruptible=False)
+                state.weight_print = fingerprint(weight)
+                self.merged = state
+            else:  # an arithmetic undo cannot be re-done exactly: if it went through, keep it
+                self.merged = None if now != before else state
+            self._wrote_weight()
+            self._refresh()
+            raise
+        return state
+
+    @torch.no_grad()
+    def remerge(self, state: MergeState) -> None:
+        """Put back a merge that :meth:`unmerge` took out, bit for bit (the weight must be the
+        one that unmerge restored). Used to roll back an interrupted model-wide change."""
+        weight = self.weight
+        with _weight_writes(weight):
+            res = apply_update(local_view(weight).data, *state.factors, interruptible=False)
         self._wrote_weight()
-        self.merged = None
+        state.residual = res
+        state.weight_print = fingerprint(weight)
+        self.merged = state
         self._refresh()
+
+    @staticmethod
+    def _moved_state(state: MergeState, device: torch.device) -> MergeState:
+        B, A, g = state.factors
+        state.factors = (B.to(device), A.to(device), _move(g, device))
+        state.residual = _moved_residual(state.residual, device)
+        return state
 
     def _wrote_weight(self) -> None:
         """Writes through ``weight.data`` do not move the weight's version counter; move it, so
         anything keyed on the version (a variant's cache, autograd's check that a tensor saved
-        for backward is unchanged) sees merges and base rewrites like any in-place change."""
-        bump_version(self.weight)
+        for backward is unchanged) sees merges and base rewrites like any in-place change.
+        (An inference tensor has no version counter.)"""
+        if not self.weight.is_inference():
+            bump_version(self.weight)
 
     # ---- base rewrites (variant.prepare_base) -------------------------------------------------
 
     @torch.no_grad()
     def patch_base(self, owner: str, B: Tensor, A: Tensor, row_scale: Tensor | None = None) -> None:
-        """``W ← cast(row_scale ⊙ W + B·A)``, reverted bit-exactly by :meth:`unpatch_base`."""
+        """``W ← cast(row_scale ⊙ W + B·A)``, reverted bit-exactly by :meth:`unpatch_base`.
+        All or nothing."""
         if self.merged is not None:
             raise MergeError("cannot rewrite the base weight while adapters are merged")
-        acc = acc_dtype(self.weight.dtype)
+        weight = self.weight
+        acc = acc_dtype(weight.dtype)
         B = B.detach().to(acc).clone()
         A = A.detach().to(acc).clone()
         g = row_scale.detach().to(acc).clone() if row_scale is not None else None
-        residual = apply_update(self.weight.data, B, A, g)
-        self._wrote_weight()
-        self.patches.append(BasePatch(owner, B, A, g, residual))
+        patch = BasePatch(owner, B, A, g, None, weight.dtype)  # type: ignore[arg-type]
+        try:
+            with _weight_writes(weight):
+                patch.residual = apply_update(weight.data, B, A, g)
+            _interrupt.checkpoint()
+            self._wrote_weight()
+            self.patches.append(patch)
+        except BaseException:
+            if patch.residual is not None:
+                if self.patches and self.patches[-1] is patch:
+                    self.patches.pop()
+                with _weight_writes(weight):
+                    revert_update(weight.data, B, A, g, patch.residual, interruptible=False)
+                self._wrote_weight()
+            raise
 
     def _patch_tail(self, owner: str) -> int:
         """Index where ``owner``'s rewrites start; they must be the newest ones (they stack)."""
@@ -568,17 +686,96 @@ class AdaptedLinear(nn.Module):
         return tail
 
     def check_unpatch(self, owner: str) -> None:
-        self._patch_tail(owner)
+        tail = self._patch_tail(owner)
+        for p in self.patches[tail:]:
+            if p.dtype is not None and p.dtype != self.weight.dtype:
+                raise MergeError(
+                    f"the base weight was rewritten by {owner!r} as {p.dtype} but is now "
+                    f"{self.weight.dtype}, cast outside Module.to/half/double (which take the "
+                    "rewrite out and put it back around the cast); cast it back to undo the rewrite"
+                )
 
     @torch.no_grad()
-    def unpatch_base(self, owner: str) -> None:
-        """Revert ``owner``'s base rewrites bit-exactly."""
+    def unpatch_base(self, owner: str, *, interruptible: bool = True) -> list[BasePatch]:
+        """Revert ``owner``'s base rewrites bit-exactly; returns them (newest last). All or
+        nothing: interrupted between two rewrites, the reverted ones are re-applied."""
+        self.check_unpatch(owner)
         tail = self._patch_tail(owner)
-        for p in reversed(self.patches[tail:]):
-            revert_update(self.weight.data, p.B, p.A, p.row_scale, p.residual)
-        if tail < len(self.patches):
+        weight = self.weight
+        before = list(self.patches)
+        try:
+            for p in reversed(before[tail:]):
+                if interruptible:
+                    _interrupt.checkpoint()
+                self._move_patch(p)
+                with _weight_writes(weight):
+                    revert_update(weight.data, p.B, p.A, p.row_scale, p.residual, interruptible=interruptible)
+                self.patches.pop()
+            if interruptible:
+                _interrupt.checkpoint()
+        except BaseException:
+            # Each revert is all or nothing; the newest rewrite still listed may have been
+            # reverted just before the exception, which the weight's contents tell.
+            if len(self.patches) > tail and content_sum(weight) != self.patches[-1].residual.merged_sum:
+                self.patches.pop()
+            self.repatch(before[len(self.patches) :])
+            raise
+        finally:
+            if len(self.patches) != len(before):
+                self._wrote_weight()
+        return before[tail:]
+
+    @torch.no_grad()
+    def repatch(self, patches: Sequence[BasePatch]) -> None:
+        """Put back rewrites :meth:`unpatch_base` took out (oldest first), bit for bit."""
+        weight = self.weight
+        for p in patches:
+            if self.patches and self.patches[-1] is p:
+                continue
+            with _weight_writes(weight):
+                p.residual = apply_update(weight.data, p.B, p.A, p.row_scale, interruptible=False)
+            self.patches.append(p)
+        if patches:
             self._wrote_weight()
-        del self.patches[tail:]
+
+    def _move_patch(self, p: BasePatch) -> None:
+        device = self.weight.device
+        if p.B.device != device:
+            p.B, p.A, p.row_scale = p.B.to(device), p.A.to(device), _move(p.row_scale, device)
+            p.residual = _moved_residual(p.residual, device)
+
+    # ---- casts and moves ----------------------------------------------------------------------
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``.to()``, ``.half()``, ``.double()``, ``.cuda()``... with merges and base rewrites in
+        place. A move keeps them (their records follow the weight on the next use). A cast of
+        the weight's dtype takes them out first (exactly, in the old dtype), casts the original
+        weight, and puts them back in the new dtype: unmerge and eject then give the cast of the
+        original weight bit for bit, and the rewritten base is re-derived in the new dtype."""
+        if self.merged is None and not self.patches:
+            return super()._apply(fn, recurse)
+        w = self.weight
+        probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
+        if not isinstance(probe, Tensor) or probe.dtype == w.dtype:
+            return super()._apply(fn, recurse)
+        state = self.merged
+        if state is not None:
+            self.unmerge()
+        patches: list[BasePatch] = []
+        try:
+            for owner in reversed(list(dict.fromkeys(p.owner for p in self.patches))):
+                patches[:0] = self.unpatch_base(owner, interruptible=False)
+        except BaseException:
+            self.repatch(patches)
+            if state is not None:
+                self.remerge(state)
+            raise
+        out = super()._apply(fn, recurse)
+        for p in patches:
+            self.patch_base(p.owner, p.B, p.A, p.row_scale)
+        if state is not None:
+            self.merge(state.names)
+        return out
 
     def extra_repr(self) -> str:
         merged = list(self.merged.names) if self.merged else []
