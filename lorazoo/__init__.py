@@ -40,6 +40,7 @@ from .errors import (  # noqa: E402
     PluginLoadWarning,
     RoutingError,
     TargetError,
+    UnknownAdapterVariantError,
     UnknownVariantError,
 )
 from .hookspecs import hookimpl  # noqa: E402
@@ -63,6 +64,7 @@ __all__ = [
     "PluginLoadWarning",
     "TargetError",
     "TrainableCount",
+    "UnknownAdapterVariantError",
     "UnknownVariantError",
     "Variant",
     "VariantConfig",
