@@ -440,9 +440,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
         adapters = {e.path: e.adapter for e in injection.entries}
         expected = _expected(adapters)
         _check_slots(f, expected, fresh=True)
-    with torch.no_grad():
-        for key, t in expected.items():
-            t.copy_(tensors[key])
+    _fill(expected, tensors)
     return commit(model, injection)
 
 
@@ -550,13 +548,33 @@ def _dry_run(
         return None
     wanted = set(file_modules)
     try:
-        with torch.device("meta"):
-            trial = plan(root, cls, lambda n, m: n in wanted, name=name, config=config, dtype=dtype)
+        # torch.device as a decorator: the default device is set and restored in torch's own
+        # frames, never left at "meta" by an interrupt between lorazoo's lines.
+        trial = _on_meta(plan)(root, cls, lambda n, m: n in wanted, name=name, config=config, dtype=dtype)
     except LorazooError as exc:
         raise AdapterFileError(f"{f.where} cannot be applied to this model: {exc}") from exc
     except Exception:
         return None
     return _expected({e.path: e.adapter for e in trial.entries})
+
+
+def _on_meta(fn: Any) -> Any:
+    """``fn`` run with torch's default device set to meta. Through torch's own decorator where
+    it has one, so that the device is set and restored in torch's frames and no lorazoo line runs
+    between the two (an interrupt there cannot leave the default device at meta)."""
+    try:
+        from torch.utils._device import device_decorator as decorate
+    except ImportError:  # a torch without it: the plain context manager
+        decorate = None
+    meta = torch.device("meta")
+    if decorate is not None:
+        return decorate(meta, fn)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with meta:
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _module_mismatch(
@@ -609,6 +627,13 @@ def _check_slots(f: _Reader, expected: dict[str, Tensor], fresh: bool = False) -
                 f"{f.where}: tensor {key!r} has shape {shape} in the file but "
                 f"{tuple(t.shape)} in the model (made for another rank or layer shape?)"
             )
+
+
+@torch.no_grad()  # as a decorator, so grad mode is restored in torch's frames
+def _fill(expected: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
+    """Copy the file's tensors into adapters not yet in the model."""
+    for key, t in expected.items():
+        t.copy_(tensors[key])
 
 
 @torch.no_grad()
