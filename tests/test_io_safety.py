@@ -59,7 +59,7 @@ def with_doc(blob: bytes, change) -> bytes:
 
 def test_load_into_merged_adapter_is_refused(tmp_path):
     """Accepted on earlier versions: the merged weights then matched neither adapter (outputs
-    off by 0.55 from the file's adapter, by 1e-7 from the old one)."""
+    off by 0.40 to 0.55 from the file's adapter on random inputs, by 1e-7 from the old one)."""
     path = lorazoo.save(_trained(seed=3), tmp_path / "a.safetensors")
     model = _trained(seed=7)
     lorazoo.merge(model)
