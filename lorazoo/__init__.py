@@ -41,6 +41,7 @@ from .errors import (  # noqa: E402
     PluginLoadWarning,
     RoutingError,
     TargetError,
+    UnknownAdapterVariantError,
     UnknownVariantError,
 )
 from .hookspecs import hookimpl  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "PluginLoadWarning",
     "TargetError",
     "TrainableCount",
+    "UnknownAdapterVariantError",
     "UnknownVariantError",
     "Variant",
     "VariantConfig",

@@ -41,6 +41,10 @@ class AdapterFileError(LorazooError, ValueError):
     """An adapter file that is corrupt, truncated, or made for another model or variant."""
 
 
+class UnknownAdapterVariantError(AdapterFileError, UnknownVariantError):
+    """An adapter file names a variant that no installed plugin registers."""
+
+
 class PluginLoadWarning(UserWarning):
     """A plugin failed to import; every other variant still works."""
 

@@ -444,10 +444,13 @@ class DoRA(lorazoo.LowRankAdapter):
         # slot -> (weakref to the base weight, key, value); see _base_key. Derived values only:
         # copies and pickles start without it (__getstate__).
         self._cache: dict[str, tuple] = {}
-        with torch.no_grad():
-            n = self._norm(layer.weight)
+        n = self._initial_norm(layer.weight)
         # m = n from the routine the forward uses: k = m/n is exactly 1 at initialisation.
         self.lora_magnitude_vector = nn.Parameter(n.to(layer.adapter_dtype).clone())
+
+    @torch.no_grad()  # as a decorator: grad mode comes back in torch's frame, even on an interrupt
+    def _initial_norm(self, weight: Tensor) -> Tensor:
+        return self._norm(weight)
 
     @property
     def scale(self) -> float:

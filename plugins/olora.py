@@ -86,11 +86,11 @@ class OLoRA(lorazoo.LowRankAdapter):
         self._init_factors = qr_factors(layer.weight, config.r, layer.adapter_dtype)
         super().__init__(layer, config, shared)
 
+    @torch.no_grad()  # as a decorator: grad mode comes back in torch's frame, even on an interrupt
     def reset_parameters(self) -> None:
         B0, A0 = self._init_factors
-        with torch.no_grad():
-            self.lora_A.copy_(A0)
-            self.lora_B.copy_(B0)
+        self.lora_A.copy_(A0)
+        self.lora_B.copy_(B0)
 
     @property
     def scale(self) -> float:
