@@ -199,6 +199,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
     except LorazooError as exc:
         raise AdapterFileError(f"{str(path)!r} cannot be applied to this model: {exc}") from exc
     adapters = {e.path: e.adapter for e in injection.entries}
+    for mpath, adapter in adapters.items():  # per-module shapes (AdaLoRA's ranks), before checks
+        adapter.from_file(file_modules[mpath])
     _check_and_copy(path, tensors, adapters, dry_run=True)
     _check_and_copy(path, tensors, adapters, dry_run=False)
     return commit(model, injection)
