@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lorazoo
 from lorazoo.errors import AdapterFileError, ConfigError, LorazooError
@@ -229,7 +230,9 @@ def _groups(adapters: Iterable[AdaLoRA]) -> list[tuple[AdaLoraState, list[AdaLoR
 
 # Parameters shrunk while no optimizer was known (lorazoo.after_step without optimizer=): the
 # next optimizer that steps them gets its state for them shrunk too (a global pre-hook).
-_PENDING: weakref.WeakKeyDictionary[Tensor, tuple[torch.Size, int, Tensor]] = weakref.WeakKeyDictionary()
+# id(parameter) -> (weak reference to it, old shape, dim, kept indices); keyed by id because
+# tensors do not compare as dictionary keys
+_PENDING: dict[int, tuple[weakref.ref, torch.Size, int, Tensor]] = {}
 _GLOBAL_HOOK: list[Any] = []
 
 
@@ -254,10 +257,13 @@ def _shrink_state(
 def _fix_pending(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
-            entry = _PENDING.pop(p, None)
-            if entry is not None:
-                _shrink_state(optimizer, p, *entry)
-    if len(_PENDING) == 0 and _GLOBAL_HOOK:
+            entry = _PENDING.get(id(p))
+            if entry is not None and entry[0]() is p:
+                del _PENDING[id(p)]
+                _shrink_state(optimizer, p, *entry[1:])
+    for key in [k for k, e in _PENDING.items() if e[0]() is None]:
+        del _PENDING[key]
+    if not _PENDING and _GLOBAL_HOOK:
         _GLOBAL_HOOK.pop().remove()
 
 
@@ -275,9 +281,9 @@ def _shrink(p: nn.Parameter, dim: int, idx: Tensor, optimizer: torch.optim.Optim
     if optimizer is not None:
         _shrink_state(optimizer, p, old, dim, idx)
     else:
-        _PENDING[p] = (old, dim, idx)
+        _PENDING[id(p)] = (weakref.ref(p), old, dim, idx)
         if not _GLOBAL_HOOK:
-            _GLOBAL_HOOK.append(torch.optim.optimizer.register_optimizer_step_pre_hook(_fix_pending))
+            _GLOBAL_HOOK.append(register_optimizer_step_pre_hook(_fix_pending))
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,9 +351,11 @@ class AdaLoRA(lorazoo.Variant):
             return base_out + self(x, base_out, host).to(base_out.dtype)
         if self.training:
             self._watch()
+        if self.rank == 0:  # every triplet of this layer was pruned
+            return base_out
         h = F.linear(self.dropout(x), A * self.lora_E)
         flat = base_out.view(-1, base_out.shape[-1])
-        flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        flat.addmm_(h.reshape(flat.shape[0], self.rank), self.lora_B.t(), alpha=self.scale)
         return base_out
 
     @classmethod
