@@ -500,3 +500,46 @@ def test_same_masks_as_peft_with_after_step():
             p: int((pm.base_model.model.get_submodule(p).lora_E["default"] != 0).sum()) for p in ("q", "v")
         }
         assert ada.ranks(ours) == theirs, step
+
+
+# ------------------------------------------------------------------------------------------
+# Two real processes (gloo): different data on each, the same masks everywhere
+# ------------------------------------------------------------------------------------------
+
+
+T_DIST = 12
+
+
+def _distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model, _ = make(**HYPER)
+        x, y = data(seed=10 + rank)  # each process sees other data: its own scores differ
+        opt = torch.optim.AdamW(lorazoo.param_groups(model, lr=2e-2))
+        lorazoo.attach(model, opt, total_steps=T_DIST)
+        kept = []
+        for _ in range(T_DIST):
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            kept.append(torch.cat([(a.lora_E != 0).view(-1) for a in adapters(model)]).clone())
+        torch.save(kept, f"{out_dir}/kept{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_keep_the_same_triplets(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "kept0.pt")
+    b = torch.load(tmp_path / "kept1.pt")
+    assert len(a) == len(b) == T_DIST
+    assert a[-1].numel() == int(a[-1].sum()) == 2 * 3  # shrunk to the final budget: 3 layers × 2
+    for step, (ka, kb) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(ka, kb), step
