@@ -398,7 +398,11 @@ class AdaLoRA(lorazoo.Variant):
         for state, group in _groups(adapters):  # type: ignore[arg-type]
             state.hook_count += 1
             total = state.resolve_total(info.total_steps)
-            if state.frozen or (total is not None and info.step >= total - state.config.t_final):
+            if (
+                not state.allocates
+                or state.frozen
+                or (total is not None and info.step >= total - state.config.t_final)
+            ):
                 continue
             update_importance(group, state.config)
 
