@@ -16,9 +16,11 @@ from .engine import (  # noqa: E402
     AdaptedEmbedding,
     AdaptedLinear,
     MergeReport,
+    StepHooks,
     TrainableCount,
     adapter_names,
     after_step,
+    attach,
     disabled,
     eject,
     extra_loss,
@@ -47,7 +49,7 @@ from .errors import (  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .io import load, save  # noqa: E402
 from .registry import register, unregister, variant, variants  # noqa: E402
-from .variant import LayerInfo, LowRank, LowRankAdapter, Variant, VariantConfig  # noqa: E402
+from .variant import LayerInfo, LowRank, LowRankAdapter, StepInfo, Variant, VariantConfig  # noqa: E402
 
 __all__ = [
     "AdaptedEmbedding",
@@ -63,6 +65,8 @@ __all__ = [
     "MergeReport",
     "PluginError",
     "PluginLoadWarning",
+    "StepHooks",
+    "StepInfo",
     "TargetError",
     "TrainableCount",
     "UnknownAdapterVariantError",
@@ -72,6 +76,7 @@ __all__ = [
     "__version__",
     "adapter_names",
     "after_step",
+    "attach",
     "disabled",
     "eject",
     "enable_input_grads",

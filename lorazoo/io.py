@@ -446,6 +446,11 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
         except (RuntimeError, MemoryError) as exc:
             raise AdapterFileError(f"{f.where}: building its adapter failed: {exc}") from exc
         adapters = {e.path: e.adapter for e in injection.entries}
+        try:
+            for mpath, adapter in adapters.items():  # per-module shapes (AdaLoRA's ranks)
+                adapter.from_file(file_modules[mpath])
+        except LorazooError as exc:
+            raise AdapterFileError(f"{f.where} cannot be applied to this model: {exc}") from exc
         expected = _expected(adapters)
         _check_slots(f, expected, fresh=True)
     _fill(expected, tensors)
@@ -559,6 +564,8 @@ def _dry_run(
         # torch.device as a decorator: the default device is set and restored in torch's own
         # frames, never left at "meta" by an interrupt between lorazoo's lines.
         trial = _on_meta(plan)(root, cls, lambda n, m: n in wanted, name=name, config=config, dtype=dtype)
+        for e in trial.entries:  # per-module shapes the file records (AdaLoRA's kept ranks)
+            e.adapter.from_file(file_modules[e.path])
     except LorazooError as exc:
         raise AdapterFileError(f"{f.where} cannot be applied to this model: {exc}") from exc
     except Exception:

@@ -13,8 +13,9 @@ wrapping them, freezing, merge bookkeeping, files. The contract between the two 
 * ``num_trainable(d_in, d_out, config)``: the variant's trainable-parameter formula; the
   conformance suite checks it against the real count.
 
-Optional class-level hooks shape training (``param_groups``, ``extra_loss``, ``after_step``),
-share state across layers (``shared_state``) and prepare the base weight (``prepare_base``).
+Optional class-level hooks shape training (``param_groups``, ``extra_loss``, the per-step
+``on_step_begin`` / ``on_step_end`` / ``after_step``), share state across layers
+(``shared_state``) and prepare the base weight (``prepare_base``).
 ``docs/interface.md`` maps each of the eight built-in variants onto these hooks.
 """
 
@@ -137,6 +138,22 @@ class LayerInfo:
     @property
     def device(self) -> torch.device:
         return self.weight.device
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a variant's per-step hooks learn about the optimizer step they run around.
+
+    ``step`` is the step number: the one the loop passes to :func:`lorazoo.after_step`, or the
+    count of optimizer steps taken since :func:`lorazoo.attach` (0 for the first). ``total_steps``
+    is the training length when the loop has said it (``None`` otherwise). ``optimizer`` is the
+    optimizer whose step this is, when known (a variant that resizes its tensors must resize that
+    optimizer's state with them).
+    """
+
+    step: int
+    total_steps: int | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 @dataclass(frozen=True)
@@ -291,11 +308,36 @@ class Variant(nn.Module, ABC):
 
     @classmethod
     def after_step(cls, adapters: Sequence[Variant], step: int) -> None:
-        """Per-step training work, run after ``optimizer.step()`` (AdaLoRA's rank budget)."""
+        """Per-step training work, run after ``optimizer.step()``. The default
+        :meth:`on_step_end` calls it; a variant that needs the optimizer or the training length
+        overrides :meth:`on_step_end` instead."""
+
+    @classmethod
+    def on_step_begin(cls, adapters: Sequence[Variant], info: StepInfo) -> None:
+        """Per-step work that reads the final gradients and the weights *before* the update
+        (AdaLoRA's importance statistics). :func:`lorazoo.attach` runs it in the optimizer's
+        step pre-hook; :func:`lorazoo.after_step`, which is only called after the update, runs
+        it right before :meth:`on_step_end`. Called under ``torch.no_grad()``. Default: nothing.
+        """
+
+    @classmethod
+    def on_step_end(cls, adapters: Sequence[Variant], info: StepInfo) -> None:
+        """Per-step work after the update (AdaLoRA's rank budget and masking), run by the
+        optimizer's step post-hook (:func:`lorazoo.attach`) or by :func:`lorazoo.after_step`.
+        Called under ``torch.no_grad()``. Default: :meth:`after_step` with ``info.step``."""
+        cls.after_step(adapters, info.step)
 
     def extra_metadata(self) -> dict[str, Any]:
-        """JSON-serialisable facts written to the adapter file beside the config."""
+        """JSON-serialisable facts written to the adapter file beside the config (in the entry
+        of this adapter's module)."""
         return {}
+
+    def from_file(self, info: Mapping[str, Any]) -> None:
+        """Called by :func:`lorazoo.load` on a freshly built adapter, before the file's tensors
+        are checked and copied into it, with its module's entry in the file (what
+        :meth:`extra_metadata` wrote, beside ``d_in``, ``d_out``, ``kind``). A variant whose
+        tensor shapes differ per module (AdaLoRA's kept ranks) reshapes its tensors here; raise
+        :class:`~lorazoo.AdapterFileError` for an entry that does not fit. Default: nothing."""
 
     def tensors(self) -> Iterable[tuple[str, Tensor]]:
         """Every tensor an adapter file holds for this adapter (persistent state)."""

@@ -5,8 +5,10 @@ from .layer import AdaptedEmbedding, AdaptedLinear
 from .merge import MergeReport, merge, merge_report, unmerge
 from .routing import route
 from .training import (
+    StepHooks,
     TrainableCount,
     after_step,
+    attach,
     disabled,
     extra_loss,
     param_groups,
@@ -19,8 +21,10 @@ __all__ = [
     "AdaptedLinear",
     "MergeReport",
     "TrainableCount",
+    "StepHooks",
     "adapter_names",
     "after_step",
+    "attach",
     "disabled",
     "eject",
     "extra_loss",
