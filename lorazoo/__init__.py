@@ -44,6 +44,7 @@ from .errors import (  # noqa: E402
 )
 from .hookspecs import hookimpl  # noqa: E402
 from .io import load, save  # noqa: E402
+from .quant import NF4Linear, QuantReport, dequantize, quantize  # noqa: E402
 from .registry import register, unregister, variant, variants  # noqa: E402
 from .variant import LayerInfo, LowRank, LowRankAdapter, Variant, VariantConfig  # noqa: E402
 
@@ -59,6 +60,8 @@ __all__ = [
     "MergeError",
     "RoutingError",
     "MergeReport",
+    "NF4Linear",
+    "QuantReport",
     "PluginError",
     "PluginLoadWarning",
     "TargetError",
@@ -69,6 +72,7 @@ __all__ = [
     "__version__",
     "adapter_names",
     "after_step",
+    "dequantize",
     "disabled",
     "eject",
     "extra_loss",
@@ -78,6 +82,7 @@ __all__ = [
     "merge",
     "merge_report",
     "param_groups",
+    "quantize",
     "register",
     "save",
     "route",
