@@ -48,6 +48,7 @@ from .errors import (  # noqa: E402
 )
 from .hookspecs import hookimpl  # noqa: E402
 from .io import load, save  # noqa: E402
+from .quant import NF4Linear, QuantReport, dequantize, quantize  # noqa: E402
 from .registry import register, unregister, variant, variants  # noqa: E402
 from .variant import LayerInfo, LowRank, LowRankAdapter, StepInfo, Variant, VariantConfig  # noqa: E402
 
@@ -63,6 +64,8 @@ __all__ = [
     "MergeError",
     "RoutingError",
     "MergeReport",
+    "NF4Linear",
+    "QuantReport",
     "PluginError",
     "PluginLoadWarning",
     "StepHooks",
@@ -77,6 +80,7 @@ __all__ = [
     "adapter_names",
     "after_step",
     "attach",
+    "dequantize",
     "disabled",
     "eject",
     "enable_input_grads",
@@ -87,6 +91,7 @@ __all__ = [
     "merge",
     "merge_report",
     "param_groups",
+    "quantize",
     "register",
     "save",
     "route",
