@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from . import __version__, registry
+from . import __version__, peft_format, registry
 from .engine.distributed import accepts_wrapped, copy_into, full_tensor
 from .engine.inject import adapter_names, adapters_named, commit, plan
 from .engine.layer import layer_dims, layer_kind
@@ -55,13 +55,19 @@ def _dtype_of(adapter: Variant) -> torch.dtype:
 
 
 @accepts_wrapped  # a DDP / FSDP / compiled model writes the bare model's paths
-def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def save(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, format: str = "lorazoo"
+) -> Path:
     """Write adapter ``name`` of ``model`` to ``path`` atomically. Returns the path.
+
+    ``format="peft"`` writes a PEFT adapter folder instead (``lorazoo.peft_format``).
 
     A wrapped model (``DistributedDataParallel``, ``torch.compile``) writes the paths of the
     model inside, so the file loads into the bare model. A model sharded with FSDP2's
     ``fully_shard`` has its adapter tensors gathered, which every process must take part in:
     call ``save`` on every process (each writes the same file), not on one rank only."""
+    if format != "lorazoo":
+        return peft_format.save_peft(model, path, name, format=format)
     entries = adapters_named(model, name)
     cls = type(entries[0][2])
     config = entries[0][2].config
@@ -127,7 +133,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if meta.get("lorazoo.format") != FORMAT:
         raise AdapterFileError(
             f"{str(p)!r} is a safetensors file but not a lorazoo adapter (no 'lorazoo.format' "
-            "header); PEFT adapter folders are not read by lorazoo.load"
+            "header); for a PEFT adapter, load its folder"
         )
     version = meta.get("lorazoo.format_version", "?")
     if version != str(FORMAT_VERSION):
@@ -159,7 +165,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
     corrupt or truncated file, :class:`AdapterFileError` is raised and the model is unchanged.
     Returns ``model``.
     """
-    doc, tensors = read(path)
+    # A PEFT folder (or a pickle, to refuse) is read by lorazoo.peft_format.
+    doc, tensors = peft_format.read_peft(path, model) if peft_format.handles(path) else read(path)
     cls = registry.variant(doc["variant"])
     try:
         config = cls.config_class.from_kwargs(**doc["config"])
