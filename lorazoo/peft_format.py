@@ -184,17 +184,21 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def _uniform(where: str, what: str, per_module: dict[str, Any]) -> Any:
-    values = list(per_module.values())
-    first_path = next(iter(per_module))
-    for path, value in per_module.items():
-        if value != values[0]:
+def _uniform(where: str, what: str, per_module: dict[str, Any], default: Any) -> Any:
+    """The one value every module has; the config's own value is the reference when some module
+    has it, so the error names the module a pattern moved away from it."""
+    paths = sorted(per_module)
+    ref_path = next((p for p in paths if per_module[p] == default), paths[0])
+    ref = per_module[ref_path]
+    for path in paths:
+        if per_module[path] != ref:
             raise AdapterFileError(
-                f"{where}: module {path!r} has {what}={value} but {first_path!r} has {what}={values[0]}; "
-                "one lorazoo adapter has one config, so a PEFT adapter whose rank_pattern/alpha_pattern "
-                "gives modules different values is not read (split it into one adapter per value)"
+                f"{where}: module {path!r} has {what}={per_module[path]} but {ref_path!r} has "
+                f"{what}={ref}; one lorazoo adapter has one config, so a PEFT adapter whose "
+                "rank_pattern/alpha_pattern gives modules different values is not read (split it "
+                "into one adapter per value)"
             )
-    return values[0]
+    return ref
 
 
 def _lora_doc(where: str, cfg: dict[str, Any], raw: dict[str, Tensor]) -> tuple[dict, dict]:
@@ -242,8 +246,8 @@ def _lora_doc(where: str, cfg: dict[str, Any], raw: dict[str, Tensor]) -> tuple[
         modules[path]["kind"] = "embedding" if embedding else "linear"
         ranks[path] = int(a.shape[0])
         alphas[path] = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha", 8))
-    r = _uniform(where, "r", ranks)
-    alpha = _uniform(where, "lora_alpha", alphas)
+    r = _uniform(where, "r", ranks, cfg.get("r"))
+    alpha = _uniform(where, "lora_alpha", alphas, cfg.get("lora_alpha", 8))
     config: dict[str, Any] = {"r": r, "alpha": float(alpha), "dropout": float(cfg.get("lora_dropout", 0.0))}
     if dora:
         variant = "dora"
@@ -312,6 +316,32 @@ def _vera_doc(
     return {"variant": "vera", "config": config, "modules": modules}, tensors
 
 
+def _base_weights(where: str, raw: dict[str, Tensor], model: nn.Module | None) -> list[str]:
+    """Remove the base-layer weights PEFT stores beside an embedding adapter
+    (``save_embedding_layers``) from ``raw``; with a model, check they equal its own (lorazoo
+    adapts a base, it does not replace one). Returns the module paths they were stored for."""
+    found = {}
+    for key in list(raw):
+        path = _strip(key)
+        if path.endswith(".base_layer.weight"):
+            found[path[: -len(".base_layer.weight")]] = raw.pop(key)
+    if model is not None:
+        named = dict(model.named_modules())
+        for path, t in found.items():
+            mine = getattr(named.get(path), "weight", None)
+            if (
+                not isinstance(mine, Tensor)
+                or mine.shape != t.shape
+                or not torch.equal(mine.detach().cpu(), t.to(mine.dtype))
+            ):
+                raise AdapterFileError(
+                    f"{where}: the file stores its own base weight for {path!r} (PEFT's "
+                    "save_embedding_layers, e.g. after resizing the vocabulary), and it differs from "
+                    "this model's; lorazoo does not replace base weights: load the matching base model"
+                )
+    return sorted(found)
+
+
 def read_peft(
     path: str | os.PathLike, model: nn.Module | None = None
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -330,6 +360,7 @@ def read_peft(
         )
     _refuse_unsupported(where, cfg)
     raw = read_tensors(folder)
+    base_weights = _base_weights(where, raw, model)
     if peft_type == "LORA":
         doc, tensors = _lora_doc(where, cfg, raw)
     else:
@@ -342,6 +373,7 @@ def read_peft(
     dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
     doc.update({"dtype": str(dtype), "format": "peft", "peft_type": peft_type})
     doc["target_modules"] = cfg.get("target_modules")
+    doc["base_weights_checked"] = base_weights
     return doc, {k: t.to(dtype) for k, t in tensors.items()}
 
 
@@ -422,8 +454,9 @@ def peft_files(
         a, b = tensors.get(f"{SHARED}.vera_A"), tensors.get(f"{SHARED}.vera_B")
         if a is None or b is None:
             raise LorazooError(
-                "this VeRA adapter does not hold its projections (save_projection=False); PEFT's file "
-                "needs them: save from the model, where they are regenerated"
+                "this VeRA adapter file does not hold its projections (save_projection=False) and "
+                "PEFT's file needs them: load it into its model and save from there "
+                "(lorazoo.save(model, folder, format='peft')), where they are regenerated"
             )
         out["base_model.vera_A"], out["base_model.vera_B"] = a, b
         cfg = {
@@ -464,7 +497,9 @@ def _olora_as_lora(entries: list, name: str) -> tuple[dict[str, Any], dict[str, 
     tensors: dict[str, Tensor] = {}
     modules: dict[str, Any] = {}
     for path, host, a in entries:
-        others = sorted({pt.owner for pt in host.patches} - {name})
+        owners = [pt.owner for pt in host.patches]
+        # Rewrites made before this adapter's own are part of the base its QR saw.
+        others = sorted(set(owners[: owners.index(name)]) - {name}) if name in owners else []
         if others:
             raise LorazooError(
                 f"cannot write OLoRA adapter {name!r} as PEFT LoRA: layer {path!r} also carries base "
@@ -514,6 +549,9 @@ def save_peft(
             modules[mpath] = {"kind": "embedding" if _is_embedding(host) else "linear"}
         for key, t in _shared_tensors(adapter).items():
             tensors[f"{SHARED}.{key}"] = t.detach().to("cpu")
+        if variant == "vera":  # PEFT's file carries the projections even where lorazoo's does not
+            for key in ("vera_A", "vera_B"):
+                tensors[f"{SHARED}.{key}"] = getattr(adapter.shared, key).detach().to("cpu")
         cfg, tensors = peft_files(variant, adapter.config.to_dict(), modules, tensors)
     return write_folder(path, cfg, tensors)
 
