@@ -268,7 +268,7 @@ def _split(where: str, key: str, parts: dict[str, str]) -> tuple[str, str]:
 
 
 def _vera_doc(
-    where: str, cfg: dict[str, Any], raw: dict[str, Tensor], model: nn.Module | None
+    where: str, cfg: dict[str, Any], raw: dict[str, Tensor], model: nn.Module | None, partial: bool = False
 ) -> tuple[dict, dict]:
     from .engine.layer import layer_dims, layer_kind
 
@@ -289,19 +289,20 @@ def _vera_doc(
         )
     if not found:
         raise AdapterFileError(f"{where}: the folder holds no VeRA tensors")
-    if model is None:
+    if model is None and not partial:
         raise AdapterFileError(
             f"{where}: a VeRA file does not record each layer's input size, so it is read only "
             "against a model (lorazoo.load(model, folder)), not converted on its own"
         )
-    named = dict(model.named_modules())
+    named = dict(model.named_modules()) if model is not None else {}
     modules: dict[str, Any] = {}
     for path, t in found.items():
         if set(t) != {"b", "d"}:
             raise AdapterFileError(f"{where}: module {path!r} lacks vera_lambda_b or vera_lambda_d")
         m = named.get(path)
         kind = layer_kind(m) if m is not None else None
-        d_in = layer_dims(m)[1] if kind else -1  # io.load names the mismatch
+        # Unknown without a model (partial reads, for display); io.load names a mismatch.
+        d_in = layer_dims(m)[1] if kind else (None if model is None else -1)
         modules[path] = {"d_out": int(t["b"].shape[0]), "d_in": d_in, "kind": "linear"}
         tensors[f"{path}.vera_lambda_b"] = t["b"]
         tensors[f"{path}.vera_lambda_d"] = t["d"]
@@ -343,12 +344,12 @@ def _base_weights(where: str, raw: dict[str, Tensor], model: nn.Module | None) -
 
 
 def read_peft(
-    path: str | os.PathLike, model: nn.Module | None = None
+    path: str | os.PathLike, model: nn.Module | None = None, *, partial: bool = False
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """A PEFT adapter folder as a lorazoo adapter document and tensors (the form
     ``lorazoo.load`` applies). ``model`` supplies layer shapes a file does not record (VeRA's
-    input sizes); without it such a file is refused. Raises :class:`AdapterFileError` naming
-    whatever cannot be mapped."""
+    input sizes); without it such a file is refused, unless ``partial`` (for display: those
+    sizes are then None). Raises :class:`AdapterFileError` naming whatever cannot be mapped."""
     folder = _folder(path)
     where = repr(str(folder))
     cfg = read_config(folder)
@@ -364,7 +365,7 @@ def read_peft(
     if peft_type == "LORA":
         doc, tensors = _lora_doc(where, cfg, raw)
     else:
-        doc, tensors = _vera_doc(where, cfg, raw, model)
+        doc, tensors = _vera_doc(where, cfg, raw, model, partial)
     dtypes = {t.dtype for t in tensors.values()}
     bad = [k for k, t in tensors.items() if not t.is_floating_point()]
     if bad:
@@ -583,3 +584,162 @@ def write_folder(path: str | os.PathLike, cfg: dict[str, Any], tensors: dict[str
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# Files without a model: inspect and convert
+# --------------------------------------------------------------------------------------------
+
+
+def open_any(path: str | os.PathLike, partial: bool = False) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """``(format, document, tensors)`` of a lorazoo adapter file or a PEFT adapter folder;
+    format is ``"lorazoo"`` or ``"peft"``."""
+    from .io import read
+
+    if handles(path):
+        doc, tensors = read_peft(path, partial=partial)
+        return "peft", doc, tensors
+    doc, tensors = read(path)
+    return "lorazoo", doc, tensors
+
+
+def _shape(t: Tensor) -> str:
+    return "×".join(str(n) for n in t.shape) or "scalar"
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A plain-text summary of an adapter file or PEFT folder: format, variant, config,
+    modules with their shapes and ranks, tensor sizes."""
+    fmt, doc, tensors = open_any(path, partial=True)
+    p = Path(path)
+    lines = []
+    if fmt == "peft":
+        folder = _folder(p)
+        on_disk = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        peft_cfg = read_config(folder)
+        lines.append(
+            f"format:   PEFT adapter folder (peft_type {doc['peft_type']}, written by peft "
+            f"{peft_cfg.get('peft_version', '?')})"
+        )
+    else:
+        on_disk = p.stat().st_size
+        lines.append(f"format:   lorazoo adapter file (written by lorazoo {doc.get('lorazoo_version', '?')})")
+    lines.append(
+        f"variant:  {doc['variant']}" + (f" (adapter name {doc['name']!r})" if doc.get("name") else "")
+    )
+    lines.append("config:   " + ", ".join(f"{k}={v!r}" for k, v in doc["config"].items()))
+    lines.append(f"dtype:    {doc['dtype']}")
+    modules = doc["modules"]
+    kinds: dict[str, int] = {}
+    for info in modules.values():
+        kinds[info.get("kind", "linear")] = kinds.get(info.get("kind", "linear"), 0) + 1
+    lines.append(
+        f"modules:  {len(modules)} (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
+    )
+    width = max((len(m) for m in modules), default=0)
+    for mpath in sorted(modules):
+        info = modules[mpath]
+        d_in = "?" if info.get("d_in") is None else info["d_in"]
+        own = {
+            k[len(mpath) + 1 :]: t
+            for k, t in tensors.items()
+            if k.startswith(mpath + ".") and "." not in k[len(mpath) + 1 :]
+        }
+        rank = own["lora_A"].shape[0] if "lora_A" in own else doc["config"].get("r")
+        parts = ", ".join(f"{k} {_shape(t)}" for k, t in sorted(own.items()))
+        lines.append(
+            f"  {mpath:<{width}}  {info.get('kind', 'linear'):9s} {info['d_out']}×{d_in} (out×in)  "
+            f"r={rank}  {parts}"
+        )
+    shared = {k: t for k, t in tensors.items() if k.startswith(SHARED + ".")}
+    for k, t in sorted(shared.items()):
+        lines.append(f"shared:   {k[len(SHARED) + 1 :]} {_shape(t)}")
+    numbers = sum(t.numel() for t in tensors.values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    lines.append(
+        f"tensors:  {len(tensors)} tensors, {numbers:,} numbers, {nbytes:,} bytes of data; "
+        f"{on_disk:,} bytes on disk"
+    )
+    if doc.get("base_weights_checked"):
+        lines.append(
+            f"note:     also stores base weights for {doc['base_weights_checked']} (not adapter "
+            "tensors; lorazoo.load checks they equal the model's)"
+        )
+    return "\n".join(lines)
+
+
+def _regenerate_shared(doc: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Shared state a lorazoo file does not store (VeRA without save_projection), rebuilt from
+    the config and module shapes through the variant's own ``shared_state``."""
+    from . import registry
+    from .variant import LayerInfo
+
+    cls = registry.variant(doc["variant"])
+    config = cls.config_class.from_kwargs(**doc["config"])
+    dtype = getattr(torch, doc["dtype"].split(".")[-1])
+    layers = [
+        LayerInfo(p, info["d_in"], info["d_out"], torch.empty(0), False, dtype, info.get("kind", "linear"))
+        for p, info in sorted(doc["modules"].items())
+    ]
+    shared = cls.shared_state(config, layers)
+    if shared is None:
+        return {}
+    return {f"{SHARED}.{k}": t.detach() for k, t in shared.named_buffers() if f"{SHARED}.{k}" not in tensors}
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
+    """Convert a lorazoo adapter file into a PEFT folder (``to="peft"``) or a PEFT folder into
+    a lorazoo file (``to="lorazoo"``), without a model. Refuses what needs one: OLoRA's PEFT
+    form (its base factors), and VeRA from PEFT (its layers' input sizes)."""
+    if to not in ("peft", "lorazoo"):
+        raise LorazooError(f"cannot convert to {to!r}; use 'peft' or 'lorazoo'")
+    fmt, doc, tensors = open_any(src)
+    if fmt == to:
+        raise LorazooError(f"{str(src)!r} is already a {'PEFT folder' if to == 'peft' else 'lorazoo file'}")
+    if to == "peft":
+        if doc["variant"] == "olora":
+            raise LorazooError(
+                f"{str(src)!r} is an OLoRA adapter: its tensors are relative to a base rewritten with the "
+                "QR factors of the original weights, which the file does not hold; load it into its model "
+                "and use lorazoo.save(model, folder, format='peft') (the rank-2r plain LoRA equivalent)"
+            )
+        tensors = {**tensors, **_regenerate_shared(doc, tensors)}
+        cfg, out = peft_files(doc["variant"], doc["config"], doc["modules"], tensors)
+        return write_folder(dst, cfg, out)
+    return write_lorazoo_file(dst, doc, tensors)
+
+
+def write_lorazoo_file(path: str | os.PathLike, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """Write a document from :func:`read_peft` as a lorazoo adapter file, atomically."""
+    from . import __version__, registry
+    from .io import FORMAT, FORMAT_VERSION
+
+    cls = registry.variant(doc["variant"])
+    config = cls.config_class.from_kwargs(**doc["config"])  # validated before anything is written
+    out = {
+        "name": "default",
+        "variant": cls.name,
+        "plugin": registry.plugin_of(cls.name),
+        "config": config.to_dict(),
+        "dtype": doc["dtype"],
+        "modules": doc["modules"],
+        "lorazoo_version": __version__,
+    }
+    meta = {
+        "lorazoo.format": FORMAT,
+        "lorazoo.format_version": str(FORMAT_VERSION),
+        "lorazoo.adapter": json.dumps(out, sort_keys=True),
+    }
+    blob = st_save({k: t.contiguous() for k, t in tensors.items()}, metadata=meta)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
