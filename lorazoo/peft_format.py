@@ -615,7 +615,7 @@ def describe(path: str | os.PathLike) -> str:
     lines = []
     if fmt == "peft":
         folder = _folder(p)
-        on_disk = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        on_disk = sum((folder / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME))
         peft_cfg = read_config(folder)
         lines.append(
             f"format:   PEFT adapter folder (peft_type {doc['peft_type']}, written by peft "
