@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -432,7 +434,9 @@ def test_peft_made_adapter_loads_with_equal_outputs(tmp_path, kind, arch):
         assert (_run(model, x) - _run(pm, x)).abs().max() > 1e-4  # the adapter was trained
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "vera", "loraplus", "olora", "embedding"])
+@pytest.mark.parametrize(
+    "variant", ["lora", "rslora", "dora", "dora_rs", "vera", "loraplus", "olora", "olora_rs", "embedding"]
+)
 @pytest.mark.parametrize("arch", ["llama", "mlp"])
 def test_lorazoo_export_loads_into_peft(tmp_path, variant, arch):
     peft = pytest.importorskip("peft")
@@ -445,8 +449,10 @@ def test_lorazoo_export_loads_into_peft(tmp_path, variant, arch):
         torch.manual_seed(0)
         base, x, targets = FIX.mlp().eval(), torch.randn(6, 8), ["0", "2", "4"]
     original = copy.deepcopy(base)
-    name = "lora" if variant == "embedding" else variant
+    name = {"embedding": "lora", "dora_rs": "dora", "olora_rs": "olora"}.get(variant, variant)
     hyper = {"r": 8} if variant == "vera" else {"r": 2, "alpha": 3}
+    if variant.endswith("_rs"):
+        hyper["rslora"] = True
     model = lorazoo.inject(base, name, targets=targets, **hyper)
     _train(model, lorazoo.param_groups(model, lr=3e-2), x)
     model.eval()
@@ -454,8 +460,9 @@ def test_lorazoo_export_loads_into_peft(tmp_path, variant, arch):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter").eval()
     _compare(model, pm, x)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    if variant == "olora":
+    if variant.startswith("olora"):
         assert cfg["r"] == 4  # the rank-2r plain LoRA on the original base
+    assert cfg.get("use_rslora", False) == (variant in ("rslora", "dora_rs", "olora_rs"))
     # And back: PEFT's own save of what it loaded reads into lorazoo with the same outputs.
     pm.save_pretrained(tmp_path / "again")
     back = lorazoo.load(copy.deepcopy(original), tmp_path / "again")
@@ -478,3 +485,41 @@ def test_stored_base_embedding_must_equal_the_models(tmp_path):
     with pytest.raises(AdapterFileError, match="stores its own base weight for 'embed'"):
         lorazoo.load(model, folder)
     assert_unchanged(model, snap)
+
+
+@given(
+    variant=st.sampled_from(["lora", "rslora", "dora", "loraplus"]),
+    r=st.integers(1, 4),
+    alpha=st.floats(0.25, 64.0, allow_nan=False),
+    dims=st.lists(st.integers(4, 9), min_size=2, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_peft_folder_round_trip_is_identity(tmp_path_factory, variant, r, alpha, dims, dtype, seed):
+    """save(format="peft") then load gives the same adapter: same variant (LoRA+ → LoRA), config,
+    every tensor bit for bit, and so the same outputs."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False)]
+    model = nn.Sequential(*layers).to(dtype)
+    fresh = copy.deepcopy(model)
+    lorazoo.inject(model, variant, targets=[nn.Linear], r=r, alpha=alpha)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("rt") / "adapter"
+    lorazoo.save(model, folder, format="peft")
+    lorazoo.load(fresh, folder)
+    want = "lora" if variant == "loraplus" else variant
+    assert lorazoo.adapter_names(fresh) == {"default": want}
+    a_cfg = adapters_named(model, "default")[0][2].config
+    b_cfg = adapters_named(fresh, "default")[0][2].config
+    assert (b_cfg.r, b_cfg.alpha, b_cfg.dropout) == (a_cfg.r, a_cfg.alpha, a_cfg.dropout)
+    mine = {p: a for p, _, a in adapters_named(model, "default")}
+    for path, _, adapter in adapters_named(fresh, "default"):
+        for key, t in adapter.state_dict().items():
+            ref = mine[path].state_dict()[key]
+            assert t.dtype == ref.dtype and torch.equal(t, ref), (path, key)
+    x = torch.randn(3, dims[0], dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
