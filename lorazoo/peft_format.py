@@ -155,8 +155,9 @@ def _refuse_unsupported(where: str, cfg: dict[str, Any]) -> None:
     mts = cfg.get("modules_to_save")
     if mts:
         raise AdapterFileError(
-            f"{where}: modules_to_save={list(mts)} stores whole trained modules beside the adapter; "
-            "lorazoo does not read those yet (the modules would silently keep their base weights)"
+            f"{where}: modules_to_save={mts if isinstance(mts, str) else list(mts)} stores whole "
+            "trained modules beside the adapter; lorazoo does not read those yet (the modules would "
+            "silently keep their base weights)"
         )
     if cfg.get("fan_in_fan_out"):
         raise AdapterFileError(
@@ -362,10 +363,17 @@ def read_peft(
     _refuse_unsupported(where, cfg)
     raw = read_tensors(folder)
     base_weights = _base_weights(where, raw, model)
-    if peft_type == "LORA":
-        doc, tensors = _lora_doc(where, cfg, raw)
-    else:
-        doc, tensors = _vera_doc(where, cfg, raw, model, partial)
+    try:
+        if peft_type == "LORA":
+            doc, tensors = _lora_doc(where, cfg, raw)
+        else:
+            doc, tensors = _vera_doc(where, cfg, raw, model, partial)
+    except (TypeError, ValueError, AttributeError, re.error) as exc:
+        if isinstance(exc, AdapterFileError):
+            raise
+        raise AdapterFileError(
+            f"{where}: {CONFIG_NAME} has a setting of the wrong type or form ({type(exc).__name__}: {exc})"
+        ) from exc
     dtypes = {t.dtype for t in tensors.values()}
     bad = [k for k, t in tensors.items() if not t.is_floating_point()]
     if bad:

@@ -196,6 +196,13 @@ def test_lorazoo_round_trip_of_a_peft_fixture(tmp_path):
         ({"alpha_pattern": {"2": 5}}, "module '2' has lora_alpha=5"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),
         ({"lora_bias": True}, "lora_bias"),
+        ({"modules_to_save": "score"}, "modules_to_save=score"),
+        ({"lora_alpha": "big"}, "wrong type or form"),
+        ({"lora_dropout": None}, "wrong type or form"),
+        ({"alpha_pattern": ["2"]}, "wrong type or form"),
+        ({"alpha_pattern": {"(": 3}}, "wrong type or form"),
+        ({"lora_alpha": 0}, "alpha must be a finite number > 0"),
+        ({"lora_dropout": 1.5}, "dropout"),
     ],
 )
 def test_refused_configs_leave_model_unchanged(tmp_path, changes, match):
@@ -523,3 +530,29 @@ def test_peft_folder_round_trip_is_identity(tmp_path_factory, variant, r, alpha,
     x = torch.randn(3, dims[0], dtype=dtype)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("case", ["dora", "vera"])
+def test_interrupted_load_leaves_model_unchanged(monkeypatch, case):
+    """A KeyboardInterrupt while the tensors are copied in leaves the model as it was."""
+    import lorazoo.io
+
+    real = lorazoo.io.copy_into
+    calls = []
+
+    def interrupting(target, source):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(target, source)
+
+    monkeypatch.setattr(lorazoo.io, "copy_into", interrupting)
+    model = fixture_model(case)
+    snap = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        lorazoo.load(model, DATA / case)
+    assert len(calls) == 3
+    assert_unchanged(model, snap)
+    monkeypatch.setattr(lorazoo.io, "copy_into", real)
+    lorazoo.load(model, DATA / case)  # and a second try works
+    assert lorazoo.adapter_names(model) == {"default": case}
