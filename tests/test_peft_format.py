@@ -556,3 +556,36 @@ def test_interrupted_load_leaves_model_unchanged(monkeypatch, case):
     monkeypatch.setattr(lorazoo.io, "copy_into", real)
     lorazoo.load(model, DATA / case)  # and a second try works
     assert lorazoo.adapter_names(model) == {"default": case}
+
+
+class _HalfScale(lorazoo.LowRankAdapter):
+    """A third-party variant PEFT has no form for: LoRA with the scale α/(2r)."""
+
+    name = "halfscale_peft_test"
+
+    @property
+    def scale(self) -> float:
+        return self.config.alpha / (2 * self.config.r)
+
+
+class _HalfScalePlugin:
+    @lorazoo.hookimpl
+    def lorazoo_variants(self):
+        return [_HalfScale]
+
+
+def test_variant_without_peft_form_is_refused_by_name(tmp_path):
+    plugin = _HalfScalePlugin()
+    lorazoo.register(plugin)
+    try:
+        model = fixture_model("lora")
+        lorazoo.inject(model, "halfscale_peft_test", targets=["0"], r=2)
+        with pytest.raises(LorazooError, match="'halfscale_peft_test' adapter, which has no PEFT form"):
+            lorazoo.save(model, tmp_path / "out", format="peft")
+        assert not (tmp_path / "out").exists()
+        file = lorazoo.save(model, tmp_path / "h.safetensors")
+        with pytest.raises(LorazooError, match="variant 'halfscale_peft_test' has no PEFT form"):
+            lorazoo.peft_format.convert(file, tmp_path / "out", "peft")
+        assert not (tmp_path / "out").exists()
+    finally:
+        lorazoo.unregister(plugin)
