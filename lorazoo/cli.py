@@ -1,4 +1,6 @@
-"""The ``lorazoo`` command: ``lorazoo bench`` (the comparative benchmark) and ``lorazoo variants``.
+"""The ``lorazoo`` command: ``lorazoo bench`` (the comparative benchmark), ``lorazoo variants``,
+``lorazoo inspect`` (what an adapter file or PEFT folder holds) and ``lorazoo convert`` (between
+lorazoo files and PEFT folders).
 
 ``main(argv)`` returns the exit status instead of exiting, so tests and notebooks can call it:
 0 on success, 2 for a bad option (with a message saying what would be right, and nothing written),
@@ -153,7 +155,51 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sub.add_parser("variants", help="list the registered variants and their defaults")
+    _add_file_commands(parser, sub)
     return parser
+
+
+def _add_file_commands(parser: argparse.ArgumentParser, sub) -> None:
+    """``--version``, ``inspect`` and ``convert`` (adapter files and PEFT folders)."""
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorazoo {__version__}")
+    i = sub.add_parser(
+        "inspect",
+        help="show what a lorazoo adapter file or PEFT adapter folder holds",
+        description="Show an adapter's format (lorazoo file or PEFT folder), variant, config, adapted "
+        "modules with their shapes and ranks, and tensor sizes. Needs no model.",
+    )
+    i.add_argument("path", metavar="FILE|FOLDER", help="a lorazoo .safetensors file or a PEFT adapter folder")
+    c = sub.add_parser(
+        "convert",
+        help="convert between a lorazoo adapter file and a PEFT adapter folder",
+        description="Convert a lorazoo adapter file into a PEFT adapter folder (--to peft) or a PEFT "
+        "folder into a lorazoo file (--to lorazoo), without a model. Refused where the file alone does "
+        "not determine the result: OLoRA to PEFT (needs the base's QR factors; save from the model "
+        "with lorazoo.save(model, folder, format='peft')) and VeRA from PEFT (needs each layer's input "
+        "size; load the folder with lorazoo.load(model, folder)).",
+    )
+    c.add_argument("src", metavar="IN", help="a lorazoo .safetensors file or a PEFT adapter folder")
+    c.add_argument("dst", metavar="OUT", help="where to write; must not exist")
+    c.add_argument("--to", required=True, choices=("peft", "lorazoo"), help="the format to write")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .peft_format import describe
+
+    print(describe(args.path))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .peft_format import convert
+
+    if Path(args.dst).exists():
+        raise UsageError(f"OUT {args.dst!r} already exists; choose a new path (nothing was written)")
+    written = convert(args.src, args.dst, args.to)
+    print(f"wrote {written}")
+    return 0
 
 
 def _default_out() -> Path:
@@ -219,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "variants":
             return _variants()
+        if args.command in ("inspect", "convert"):
+            return _inspect(args) if args.command == "inspect" else _convert(args)
         return _bench(args)
     except (UsageError, BenchError) as exc:
         where = f"lorazoo {args.command}" if args is not None and args.command else "lorazoo"

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from . import __version__, registry
+from . import __version__, peft_format, registry
 from .engine.distributed import accepts_wrapped, copy_into, full_tensor
 from .engine.inject import adapter_names, adapters_named, commit, plan
 from .engine.layer import layer_dims, layer_kind
@@ -70,13 +70,19 @@ def _dtype_of(adapter: Variant) -> torch.dtype:
 
 
 @accepts_wrapped  # a DDP / FSDP / compiled model writes the bare model's paths
-def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def save(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, format: str = "lorazoo"
+) -> Path:
     """Write adapter ``name`` of ``model`` to ``path`` atomically. Returns the path.
+
+    ``format="peft"`` writes a PEFT adapter folder instead (``lorazoo.peft_format``).
 
     A wrapped model (``DistributedDataParallel``, ``torch.compile``) writes the paths of the
     model inside, so the file loads into the bare model. A model sharded with FSDP2's
     ``fully_shard`` has its adapter tensors gathered, which every process must take part in:
     call ``save`` on every process (each writes the same file), not on one rank only."""
+    if format != "lorazoo":
+        return peft_format.save_peft(model, path, name, format=format)
     entries = adapters_named(model, name)
     cls = type(entries[0][2])
     config = entries[0][2].config
@@ -389,6 +395,35 @@ class _Reader:
 _JSON_NAMES = {str: "string", dict: "object"}
 
 
+class _Converted(_Reader):
+    """A document and tensors already in memory (a converted PEFT folder) behind the interface
+    :func:`load` reads a file through, so they are checked exactly as a file's are."""
+
+    def __init__(self, path: str | os.PathLike, doc: dict[str, Any], tensors: dict[str, Tensor]):
+        self.where = repr(str(path))
+        self.doc = doc
+        self._held = tensors
+        codes = {dtype: code for code, dtype in _FLOAT_CODES.items()}
+        self.slots = {}
+        for key, t in tensors.items():
+            if t.dtype not in codes:
+                raise AdapterFileError(f"{self.where}: tensor {_short(key)} has unsupported dtype {t.dtype}")
+            self.slots[key] = _Slot(codes[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
+
+    def close(self) -> None:
+        pass
+
+    def tensors(self, finite: bool = False) -> dict[str, Tensor]:
+        if finite:
+            for key, t in self._held.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise AdapterFileError(
+                        f"{self.where}: tensor {_short(key)} holds NaN or infinite values; loading it "
+                        "would make the model's outputs NaN"
+                    )
+        return dict(self._held)
+
+
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The adapter document and tensors of a file, validated for format (not for a model)."""
     with _Reader(path) as f:
@@ -418,7 +453,11 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
     adapter merged into the weights gives :class:`MergeError`) and the model is unchanged, also
     when the load is interrupted. Returns ``model``.
     """
-    with _Reader(path) as f:
+    # A PEFT folder (or a pickle, to refuse) is read by lorazoo.peft_format, then checked as a file is.
+    opened = (
+        _Converted(path, *peft_format.read_peft(path, model)) if peft_format.handles(path) else _Reader(path)
+    )
+    with opened as f:
         cls = _variant_of(f)
         try:
             config = cls.config_class.from_kwargs(**f.doc["config"])

@@ -1,0 +1,134 @@
+"""Regenerate the PEFT fixture folders beside this file (needs peft; CPU; a few seconds):
+
+    python tests/data/peft/make_fixtures.py
+
+Each ``<case>/`` holds what PEFT's ``save_pretrained`` wrote (``adapter_config.json``,
+``adapter_model.safetensors``), the base model's weights (``base.safetensors``) and
+``expected.safetensors``: an input and PEFT's output for the whole model (``input``,
+``output``) and, per adapted layer ``<p>``, an input and PEFT's output for that layer alone
+(``layer.<p>.input``, ``layer.<p>.output``). The adapters are trained a few steps first, so
+no factor is at its initial value. The model builders are importable without peft.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 20
+
+
+def mlp() -> nn.Sequential:
+    """A plain MLP: 8 → 12 → 12 → 4."""
+    return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+class EmbedNet(nn.Module):
+    """An embedding table followed by a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def model_input(case: str, g: torch.Generator) -> torch.Tensor:
+    if BUILDERS[case] is EmbedNet:
+        return torch.randint(0, VOCAB, (3, 7), generator=g)
+    return torch.randn(5, 8, generator=g)
+
+
+def layer_input(module: nn.Module, g: torch.Generator) -> torch.Tensor:
+    if isinstance(module, nn.Embedding):
+        return torch.randint(0, module.num_embeddings, (11,), generator=g)
+    return torch.randn(6, module.in_features, generator=g)
+
+
+BUILDERS = {
+    "lora": mlp,
+    "rslora": mlp,
+    "dora": mlp,
+    "vera": mlp,
+    "vera_regenerated": mlp,
+    "lora_alpha_pattern": mlp,
+    "lora_embedding": EmbedNet,
+}
+
+
+def configs():  # pragma: no cover - needs peft
+    import peft
+
+    linear = ["0", "2", "4"]
+    return {
+        "lora": peft.LoraConfig(r=2, lora_alpha=4, target_modules=linear),
+        "rslora": peft.LoraConfig(r=4, lora_alpha=3, target_modules=linear, use_rslora=True),
+        "dora": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], use_dora=True),
+        "vera": peft.VeraConfig(r=6, target_modules=linear, projection_prng_key=3),
+        "vera_regenerated": peft.VeraConfig(
+            r=6, target_modules=linear, projection_prng_key=4, save_projection=False
+        ),
+        # Patterns that give every adapted module the same values are read.
+        "lora_alpha_pattern": peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["0", "2"], alpha_pattern={"0": 6, "2": 6}
+        ),
+        "lora_embedding": peft.LoraConfig(r=3, lora_alpha=6, target_modules=["embed", "head"]),
+    }
+
+
+def make(case: str, config) -> None:  # pragma: no cover - needs peft
+    import peft
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    base = BUILDERS[case]()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    pm = peft.get_peft_model(base, config)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(4):
+        x = model_input(case, g)
+        loss = pm(x).pow(2).mean() - pm(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
+    out = HERE / case
+    if out.exists():
+        shutil.rmtree(out)
+    pm.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model card template, not needed here
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.pop("auto_mapping", None)  # names this script's module; PEFT does not need it
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_file(base_state, out / "base.safetensors")
+    expected = {}
+    with torch.no_grad():
+        x = model_input(case, g)
+        expected["input"], expected["output"] = x, pm(x)
+        inner = pm.base_model.model
+        for name, module in inner.named_modules():
+            if hasattr(module, "base_layer") and name:
+                xi = layer_input(module.base_layer, g)
+                expected[f"layer.{name}.input"], expected[f"layer.{name}.output"] = xi, module(xi)
+    save_file({k: v.contiguous() for k, v in expected.items()}, out / "expected.safetensors")
+
+
+def main() -> int:  # pragma: no cover - needs peft
+    for case, config in configs().items():
+        make(case, config)
+        size = sum(f.stat().st_size for f in (HERE / case).iterdir())
+        print(f"{case}: {size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
