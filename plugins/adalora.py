@@ -73,6 +73,12 @@ def _unit(name: str, value: object) -> None:
         )
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces the forward."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 @dataclass(frozen=True)
 class AdaLoraConfig(lorazoo.VariantConfig):
     """AdaLoRA's hyper-parameters (defaults: PEFT's, except the penalty, which is the paper's).
@@ -347,6 +353,7 @@ class AdaLoRA(lorazoo.Variant):
             and A.device == base_out.device
             and base_out.is_contiguous()
             and not torch.is_autocast_enabled(base_out.device.type)
+            and not _compiling()  # a traced graph takes the out-of-place sum
         ):
             return base_out + self(x, base_out, host).to(base_out.dtype)
         if self.training:
@@ -367,7 +374,8 @@ class AdaLoRA(lorazoo.Variant):
     def _watch(self) -> None:
         """Count optimizer updates of this adapter (its ``A``'s version moves) that no per-step
         hook followed; past :data:`UNHOOKED_LIMIT` raise, once per injection."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _compiling():
+            # a traced graph cannot read version counters; eager steps keep watching
             return
         state: AdaLoraState = self.shared
         v = self.lora_A._version
