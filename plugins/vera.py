@@ -171,7 +171,14 @@ class VeRA(lorazoo.Variant):
 
     def forward(self, x: Tensor, base_out: Tensor, host: lorazoo.AdaptedLinear) -> Tensor:
         a, b = self.projections
-        h = F.linear(self.dropout(x.to(self.vera_lambda_d.dtype)), a) * self.vera_lambda_d
+        x = self.dropout(x.to(self.vera_lambda_d.dtype))
+        rows, r = x.numel() // max(1, x.shape[-1]), a.shape[0]
+        if rows * r * (self.d_in + self.d_out) > self.d_in * self.d_out * (r + rows):
+            # With r = 256 two rank-r products per row cost more than forming ΔW (d_out × d_in)
+            # once and applying it: fewer multiply-adds, and no (rows × r) activation kept.
+            delta = (self.vera_lambda_b.unsqueeze(1) * b) @ (self.vera_lambda_d.unsqueeze(1) * a)
+            return F.linear(x, delta)
+        h = F.linear(x, a) * self.vera_lambda_d
         return F.linear(h, b) * self.vera_lambda_b
 
     @classmethod
