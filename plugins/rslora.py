@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,17 @@ class RsLoraConfig(lorazoo.VariantConfig):
 
 class RsLoRA(lorazoo.LowRankAdapter):
     name = "rslora"
+    claims = (
+        Claim(
+            "at rank 64 learns more than LoRA; its gain does not shrink from rank 8 to 64, LoRA's does",
+            paper="Kalajdzievski, arXiv 2312.03732",
+            checks=(
+                Compare("learned_bpb", Ref("rslora", 64), ">", Ref("lora", 64)),
+                Compare("learned_bpb", Ref("rslora", 64), ">", Ref("rslora", 8), slack=0.01),
+                Compare("learned_bpb", Ref("lora", 64), "<", Ref("lora", 8)),
+            ),
+        ),
+    )
     config_class = RsLoraConfig
     layer_kinds = frozenset({"linear", "embedding"})
 

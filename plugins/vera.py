@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 from lorazoo.errors import ConfigError
 
 # The generation rule, written into every file so a reader knows how to rebuild the pair.
@@ -117,6 +118,16 @@ class VeRA(lorazoo.Variant):
     injection's frozen projections. See the module docstring."""
 
     name = "vera"
+    claims = (
+        Claim(
+            "at least 10× fewer trainable parameters than LoRA, learning at least 0.8× LoRA's gain",
+            paper="Kopiczko, Blankevoort and Asano, arXiv 2310.11454",
+            checks=(
+                Compare("trainable", Ref("vera"), "<", Ref("lora"), ratio=0.1),
+                Compare("learned_bpb", Ref("vera"), ">", Ref("lora"), ratio=0.8),
+            ),
+        ),
+    )
     config_class = VeraConfig
     exact_at_init = True  # λ_b = 0 exactly
     # About ten times LoRA's 1e-3: the vectors scale fixed random directions and need larger
