@@ -24,12 +24,12 @@ class RsLoRA(lorazoo.LowRankAdapter):
     name = "rslora"
     claims = (
         Claim(
-            "at rank 64 learns more than LoRA; its gain does not shrink from rank 8 to 64, LoRA's does",
+            "at rank 64 learns more than LoRA; from the bench rank to 64 its gain holds up, LoRA's shrinks",
             paper="Kalajdzievski, arXiv 2312.03732",
             checks=(
                 Compare("learned_bpb", Ref("rslora", 64), ">", Ref("lora", 64)),
-                Compare("learned_bpb", Ref("rslora", 64), ">", Ref("rslora", 8), slack=0.01),
-                Compare("learned_bpb", Ref("lora", 64), "<", Ref("lora", 8)),
+                Compare("learned_bpb", Ref("rslora", 64), ">", Ref("rslora"), slack=0.01),
+                Compare("learned_bpb", Ref("lora", 64), "<", Ref("lora")),
             ),
         ),
     )
