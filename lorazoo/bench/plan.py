@@ -252,9 +252,9 @@ def _variant_names(opts: Options) -> list[str]:
     for n in names:
         if n not in known:
             near = closest(n, known)
-            hint = f" Did you mean {near!r}?" if near else ""
+            hint = f" (did you mean {near!r}?)" if near else ""
             raise BenchError(
-                f"unknown variant {n!r} in --variants.{hint} Registered variants: "
+                f"unknown variant {n!r} in --variants{hint}; registered variants: "
                 + (", ".join(known) or "(none)")
             )
     clash = [n for n in names if n in BASELINES]
