@@ -85,7 +85,9 @@ it to English prose from the Python documentation with every registered variant 
 and compare: trainable parameters, adapter file size, training speed, peak memory, what each run
 learned (target-domain bits per byte) and forgot (source-domain bits per byte), the merged-vs-
 unmerged logit difference and the unmerged/merged latency ratio. Baselines: the untouched base and
-full fine-tuning. Writes results.json, report.md and (with matplotlib) figure.png to --out.
+full fine-tuning. Every run is repeated over several seeds: figures are means with 95% intervals
+and comparisons are paired by seed. --claims checks each variant's paper claims (holds, fails or
+inconclusive). Writes results.json, report.md and (with matplotlib) figure.png to --out.
 See docs/bench.md."""
 
 

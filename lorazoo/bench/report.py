@@ -247,7 +247,8 @@ def markdown(result: dict[str, Any], figure: str | None, figure_note: str) -> st
         "",
         seeds_note(result) + ". bpb: bits per byte on the held-out split; learned = base target bpb − run "
         "target bpb (higher is better); forgot = run source bpb − base source bpb (lower is better). "
-        "speed vs LoRA: per-seed ratio of training throughput to LoRA's at the same rank. merge Δ: max "
+        "speed vs LoRA: per-seed ratio of LoRA's training CPU time to the run's at the same rank "
+        "(tokens per CPU second relative to LoRA; the wall-time ratio is in results.json). merge Δ: max "
         "|merged − unmerged| logit difference on an eval batch (largest over the seeds). unmerged/merged: "
         "median ratio of inference latency over interleaved pairs (first seed).",
     ]
