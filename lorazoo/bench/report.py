@@ -306,9 +306,10 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
     """Write the PNG when matplotlib is installed; otherwise say so.
 
-    Panels: learned vs forgot per configuration with 95 % interval bars (a legend, not labels
-    beside the points, so ten or more runs stay readable); learned vs rank per variant when the
-    bench swept ranks; the mean training-loss curve per configuration at the main rank."""
+    Panels: learned vs forgot per configuration at the main rank with 95 % interval bars (a
+    legend, not labels beside the points, so ten or more runs stay readable); learned vs rank per
+    variant when the bench ran several ranks; the mean training-loss curve per configuration at
+    the main rank."""
     try:
         import matplotlib
 
@@ -319,9 +320,10 @@ def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
     summary_ = result["summary"]
     configs = summary_["configs"]
     sweep = summary_["rank_sweep"]
-    cmap = plt.get_cmap("tab20")
     names = list(dict.fromkeys(c["name"] for c in configs))
-    colour = {n: cmap(i % 20) for i, n in enumerate(names)}
+    # ten well-separated colours while they suffice; tab20's paired shades only beyond
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
     ncols = 3 if sweep else 2
     fig, axes = plt.subplots(1, ncols, figsize=(6.0 * ncols, 5.2))
     ax1 = axes[0]
@@ -329,12 +331,11 @@ def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
     def half(iv: dict[str, Any]) -> float:
         return 0.0 if iv.get("high") is None else iv["high"] - iv["mean"]
 
-    for i, c in enumerate(configs):
+    for i, c in enumerate(main_configs(result)):  # other ranks: the rank-sweep panel
         x, y = c["forgot_bpb"], c["learned_bpb"]
         ax1.errorbar(
             x["mean"], y["mean"], xerr=half(x), yerr=half(y), fmt=_MARKERS[i % len(_MARKERS)],
             color=colour[c["name"]], ms=7, capsize=3, label=c["label"],
-            mfc="none" if c["rank"] not in (None, result["recipe"]["rank"]) else colour[c["name"]],
         )  # fmt: skip
     ax1.set_xlabel("forgot: source bpb − base (lower is better)")
     ax1.set_ylabel("learned: base − target bpb (higher is better)")
@@ -369,7 +370,7 @@ def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
         if not curves:
             continue
         mean = [sum(v) / len(v) for v in zip(*curves, strict=True)]
-        w = max(1, len(mean) // 20)
+        w = max(1, len(mean) // 10)
         smooth = [
             sum(mean[max(0, i - w + 1) : i + 1]) / len(mean[max(0, i - w + 1) : i + 1])
             for i in range(len(mean))
