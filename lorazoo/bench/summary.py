@@ -73,6 +73,8 @@ def _paired(
     if ratio:  # the per-seed ratio a/b, then its mean and interval
         return interval([a[s][field] / b[s][field] for s in seeds]).to_dict()
     if field == "cpu_speed":  # throughput per CPU second: b's training CPU time over a's
+        if any("train_cpu_seconds" not in x[s] for x in (a, b) for s in seeds):
+            return None  # results without CPU times (written by hand or by another tool)
         return interval([b[s]["train_cpu_seconds"] / a[s]["train_cpu_seconds"] for s in seeds]).to_dict()
     return paired([a[s][field] for s in seeds], [b[s][field] for s in seeds]).to_dict()
 
