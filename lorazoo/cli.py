@@ -87,7 +87,9 @@ it to English prose from the Python documentation with every registered variant 
 and compare: trainable parameters, adapter file size, training speed, peak memory, what each run
 learned (target-domain bits per byte) and forgot (source-domain bits per byte), the merged-vs-
 unmerged logit difference and the unmerged/merged latency ratio. Baselines: the untouched base and
-full fine-tuning. Writes results.json, report.md and (with matplotlib) figure.png to --out.
+full fine-tuning. Every run is repeated over several seeds: figures are means with 95% intervals
+and comparisons are paired by seed. --claims checks each variant's paper claims (holds, fails or
+inconclusive). Writes results.json, report.md and (with matplotlib) figure.png to --out.
 See docs/bench.md."""
 
 
@@ -104,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument("--variants", metavar="A,B,C", help="variants to run (default: every registered one)")
-    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 120; --quick: 20)")
+    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 60; --quick: 20)")
     b.add_argument(
         "--rank",
         type=_positive_int,
-        help="comparable rank (default 8; --quick: 4): LoRA-like variants use it as r, others their "
-        "own default r scaled by rank/8 (VeRA: 32×rank)",
+        help="comparable rank (default 8; --quick: 4), passed to each variant's bench_kwargs: LoRA-like "
+        "variants use it as r, others their own default r scaled by rank/8 (VeRA: 32×rank)",
     )
     b.add_argument(
         "--targets",
@@ -118,7 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
         "projection but the output head; e.g. q_proj,v_proj)",
     )
     b.add_argument(
-        "--seed", type=_nonneg_int, help="seed of the data splits, initialisation and batches (default 0)"
+        "--seeds",
+        metavar="N|S1,S2,…",
+        help="seeds to repeat every run over: a count (--seeds 3 = seeds 0,1,2) or a list (--seeds 0,5); "
+        "a seed sets the adapter initialisation and the batch order on the one cached base "
+        "(default 3; --quick: 2). Figures are means with 95%% intervals; comparisons are paired by seed",
+    )
+    b.add_argument(
+        "--ranks",
+        metavar="R1,R2,…",
+        help="a rank sweep: also run every variant at these ranks (e.g. 4,16,64); the report plots "
+        "learned bpb against rank per variant",
+    )
+    b.add_argument(
+        "--claims",
+        action="store_true",
+        help="add the runs the variants' paper claims need (full fine-tuning, rank 64, loss curves) "
+        "and report whether each claim holds, fails or is inconclusive",
     )
     b.add_argument(
         "--out",
@@ -207,9 +225,40 @@ def _default_out() -> Path:
     return Path("lorazoo-bench") / stamp
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` → seeds 0, 1, 2; ``"0,5,7"`` → those seeds (``"4,"`` is the one seed 4)."""
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [int(t) for t in items if t]
+    except ValueError:
+        raise UsageError(
+            f"--seeds {text!r}: write a count (--seeds 3) or a list of seeds (--seeds 0,5)"
+        ) from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(
+            f"--seeds {text!r}: seeds are non-negative integers; write e.g. --seeds 3 or --seeds 0,5"
+        )
+    if len(items) == 1:
+        if values[0] < 1:
+            raise UsageError("--seeds 0: give at least one seed (--seeds 1 runs seed 0)")
+        return list(range(values[0]))
+    return values
+
+
+def parse_ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(t) for t in _names(text, "--ranks")]
+    except ValueError:
+        raise UsageError(f"--ranks {text!r}: write positive integers, e.g. --ranks 4,16,64") from None
+    if any(r < 1 for r in ranks):
+        raise UsageError(f"--ranks {text!r}: ranks must be positive, e.g. --ranks 4,16,64")
+    return ranks
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.report import summary, table, write_outputs
-    from .bench.runner import Options, run_bench
+    from .bench.plan import Options
+    from .bench.report import console, write_outputs
+    from .bench.runner import run_bench
 
     lrs: dict[str, float] = {}
     for text in args.lr or ():
@@ -222,7 +271,9 @@ def _bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         rank=args.rank,
         targets=_names(args.targets, "--targets") if args.targets is not None else None,
-        seed=args.seed,
+        seeds=parse_seeds(args.seeds) if args.seeds is not None else None,
+        ranks=parse_ranks(args.ranks) if args.ranks is not None else None,
+        claims=args.claims,
         lr=lrs,
         quick=args.quick,
         model_path=args.model,
@@ -233,9 +284,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     result = run_bench(opts)
     written = write_outputs(result, out)
-    print(table(result))
-    print()
-    print(summary(result))
+    print(console(result))
     print(f"results: {written}")
     return 0
 

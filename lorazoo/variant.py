@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, closest
 
 if TYPE_CHECKING:
+    from .claims import Claim
     from .engine.layer import AdaptedLinear
 
 
@@ -192,6 +193,8 @@ class Variant(nn.Module, ABC):
             output is exactly their ``lowrank()`` product) ``"embedding"``. On an embedding the
             engine computes ``s·Aᵀ[ids]·Bᵀ`` from ``lowrank()`` itself; ``forward`` and dropout
             are not used there.
+        claims: the qualitative claims of the variant's paper, as :class:`lorazoo.claims.Claim`
+            data; ``lorazoo bench --claims`` runs what they need and says whether each holds.
     """
 
     name: ClassVar[str] = ""
@@ -200,6 +203,7 @@ class Variant(nn.Module, ABC):
     example_config: ClassVar[dict[str, Any]] = {}
     recommended_lr: ClassVar[float] = 1e-3
     layer_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    claims: ClassVar[tuple[Claim, ...]] = ()
 
     def __init__(self, layer: LayerInfo, config: VariantConfig, shared: nn.Module | None = None):
         super().__init__()
@@ -257,6 +261,18 @@ class Variant(nn.Module, ABC):
             return update
         c = lr.row_scale.to(acc).unsqueeze(1)
         return (c - 1) * w + c * update
+
+    @classmethod
+    def bench_kwargs(cls, rank: int) -> dict[str, Any]:
+        """The ``inject`` keyword arguments ``lorazoo bench`` uses at its comparable ``rank``.
+
+        Default ``{"r": rank}`` for a config whose default ``r`` is the family's 8; a config with
+        another default rank (VeRA's 256) runs at that default scaled by ``rank / 8``. ``alpha``
+        stays at the config's default, so a scale ``alpha / r`` shrinks as the rank grows (what
+        the rank sweep shows). Override it for a variant whose budget is set differently.
+        """
+        default_r = next((f.default for f in dataclasses.fields(cls.config_class) if f.name == "r"), 8)
+        return {"r": max(1, round(int(default_r) * rank / 8))}
 
     # ---- optional hooks ----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 from lorazoo.engine.exact import acc_dtype, version  # norms accumulate where merges do
 
 if TYPE_CHECKING:
@@ -433,6 +434,13 @@ class DoRA(lorazoo.LowRankAdapter):
     docstring for the math. Trainable parameters per layer: ``r·(d_in + d_out) + d_out``."""
 
     name = "dora"
+    claims = (
+        Claim(
+            "learns at least as much as LoRA at equal rank (within 0.01 bpb)",
+            paper="Liu et al., arXiv 2402.09353",
+            checks=(Compare("learned_bpb", Ref("dora"), ">", Ref("lora"), slack=0.01),),
+        ),
+    )
     config_class = DoraConfig
     # The paper trains DoRA with the learning rates it uses for LoRA at the same rank, and m's
     # AdamW steps move each row's scale by about lr / ‖W_i‖ (‖W_i‖ is O(1) here), a fraction of

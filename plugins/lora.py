@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,16 @@ class LoraConfig(lorazoo.VariantConfig):
 
 class LoRA(lorazoo.LowRankAdapter):
     name = "lora"
+    claims = (
+        Claim(
+            "learns less and forgets less than full fine-tuning",
+            paper="Hu et al., arXiv 2106.09685",
+            checks=(
+                Compare("learned_bpb", Ref("lora"), "<", Ref("full")),
+                Compare("forgot_bpb", Ref("lora"), "<", Ref("full")),
+            ),
+        ),
+    )
     config_class = LoraConfig
     layer_kinds = frozenset({"linear", "embedding"})
 

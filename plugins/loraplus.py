@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 
 
 def _positive(name: str, value: object, hint: str) -> None:
@@ -57,6 +58,13 @@ class LoraPlusConfig(lorazoo.VariantConfig):
 
 class LoRAPlus(lorazoo.LowRankAdapter):
     name = "loraplus"
+    claims = (
+        Claim(
+            "reaches LoRA's final training loss in at most 0.6× LoRA's steps (same lr for A)",
+            paper="Hayou, Ghosh and Yu, arXiv 2402.12354",
+            checks=(Compare("steps_to_loss", Ref("loraplus"), "<", Ref("lora"), ratio=0.6),),
+        ),
+    )
     config_class = LoraPlusConfig
     layer_kinds = frozenset({"linear", "embedding"})
     # The A group's rate. With λ = 16 the B factors train at 1.6e-2 under AdamW, which is what

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 from lorazoo.engine.exact import acc_dtype
 from lorazoo.engine.inject import adapters_named, hosts
 from lorazoo.errors import ConfigError, LorazooError
@@ -72,6 +73,13 @@ class OLoRA(lorazoo.LowRankAdapter):
     """
 
     name = "olora"
+    claims = (
+        Claim(
+            "lower training loss than LoRA in the first quarter of the steps",
+            paper="Büyükakyüz, arXiv 2406.01775",
+            checks=(Compare("early_loss", Ref("olora"), "<", Ref("lora")),),
+        ),
+    )
     config_class = OLoraConfig
     exact_at_init = False
     # OLoRA changes only the initialisation, so it keeps LoRA's default (Variant.recommended_lr).

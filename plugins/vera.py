@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 from lorazoo.errors import ConfigError
 
 # The generation rule, written into every file so a reader knows how to rebuild the pair.
@@ -117,6 +118,16 @@ class VeRA(lorazoo.Variant):
     injection's frozen projections. See the module docstring."""
 
     name = "vera"
+    claims = (
+        Claim(
+            "at least 10× fewer trainable parameters than LoRA, learning at least 0.8× LoRA's gain",
+            paper="Kopiczko, Blankevoort and Asano, arXiv 2310.11454",
+            checks=(
+                Compare("trainable", Ref("vera"), "<", Ref("lora"), ratio=0.1),
+                Compare("learned_bpb", Ref("vera"), ">", Ref("lora"), ratio=0.8),
+            ),
+        ),
+    )
     config_class = VeraConfig
     exact_at_init = True  # λ_b = 0 exactly
     # About ten times LoRA's 1e-3: the vectors scale fixed random directions and need larger
@@ -171,7 +182,14 @@ class VeRA(lorazoo.Variant):
 
     def forward(self, x: Tensor, base_out: Tensor, host: lorazoo.AdaptedLinear) -> Tensor:
         a, b = self.projections
-        h = F.linear(self.dropout(x.to(self.vera_lambda_d.dtype)), a) * self.vera_lambda_d
+        x = self.dropout(x.to(self.vera_lambda_d.dtype))
+        rows, r = x.numel() // max(1, x.shape[-1]), a.shape[0]
+        if rows * r * (self.d_in + self.d_out) > self.d_in * self.d_out * (r + rows):
+            # With r = 256 two rank-r products per row cost more than forming ΔW (d_out × d_in)
+            # once and applying it: fewer multiply-adds, and no (rows × r) activation kept.
+            delta = (self.vera_lambda_b.unsqueeze(1) * b) @ (self.vera_lambda_d.unsqueeze(1) * a)
+            return F.linear(x, delta)
+        h = F.linear(x, a) * self.vera_lambda_d
         return F.linear(h, b) * self.vera_lambda_b
 
     @classmethod

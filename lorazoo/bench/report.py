@@ -1,7 +1,9 @@
-"""What ``lorazoo bench`` prints and writes: the table, ``results.json``, ``report.md``, a figure.
+"""What ``lorazoo bench`` prints and writes: the tables, ``results.json``, ``report.md``, a figure.
 
-The output folder is assembled under a temporary name beside its destination and renamed into
-place at the end, so an interrupted or failed run leaves no half-written folder behind.
+Every figure of a configuration is its mean over the seeds with the half-width of its 95 %
+Student-t interval (``0.344 ± 0.021``); with one seed the table says so instead of inventing an
+interval. The output folder is assembled under a temporary name beside its destination and
+renamed into place at the end, so an interrupted or failed run leaves no half-written folder.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ COLUMNS = (
     "trainable",
     "file",
     "train tok/s",
+    "speed vs LoRA",
     "peak mem",
-    "target bpb (learned)",
-    "source bpb (forgot)",
+    "learned bpb",
+    "forgot bpb",
     "merge Δ",
     "unmerged/merged",
+    "s/run",
 )
 
 
@@ -38,45 +42,70 @@ def _bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def _signed(x: float) -> str:
-    return f"{x:+.3f}".replace("-", "−")
+def _num(x: float, fmt: str, signed: bool) -> str:
+    s = f"{x:+{fmt}}" if signed else f"{x:{fmt}}"
+    return s.replace("-", "−")
 
 
-def row_cells(row: dict[str, Any]) -> list[str]:
-    name = row["name"]
-    label = (
-        {"base": "base (not adapted)", "full": "full fine-tuning"}.get(name, name)
-        if row["kind"] == "baseline"
-        else name
-    )
-    cfg = row.get("config") or {}
-    lr = "—" if row.get("lr") is None else f"{row['lr']:.0e}".replace("e-0", "e-")
-    rank = str(cfg.get("r", "—"))
-    trainable = f"{row['trainable']:,}"
-    file = _bytes(row.get("file_bytes")) if "file_bytes" in row else "—"
-    tps = f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "—"
-    mem = _bytes(row.get("peak_memory_bytes")) if "tokens_per_s" in row else "—"
-    if row["name"] == "base" and row["kind"] == "baseline":
-        target = f"{row['target_bpb']:.3f}"
-        source = f"{row['source_bpb']:.3f}"
-    else:
-        target = f"{row['target_bpb']:.3f} ({_signed(row['learned_bpb'])})"
-        source = f"{row['source_bpb']:.3f} ({_signed(row['forgot_bpb'])})"
-    merge = f"{row['merge_max_abs_diff']:.1e}" if "merge_max_abs_diff" in row else "—"
-    lat = f"{row['latency_ratio']:.2f}×" if "latency_ratio" in row else "—"
-    return [label, lr, rank, trainable, file, tps, mem, target, source, merge, lat]
+def ci(iv: dict[str, Any] | None, fmt: str = ".3f", signed: bool = True) -> str:
+    """``mean ± half-width`` of an interval dict; ``mean (1 seed)`` without an interval."""
+    if iv is None:
+        return "—"
+    if iv.get("high") is None:
+        return _num(iv["mean"], fmt, signed) + " (1 seed)"
+    return f"{_num(iv['mean'], fmt, signed)} ± {_num(iv['high'] - iv['mean'], fmt, False)}"
 
 
-def table(result: dict[str, Any]) -> str:
-    """The results as a Markdown table (printed on stdout and copied into report.md)."""
-    rows = [list(COLUMNS)] + [row_cells(r) for r in result["runs"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    numeric = [False] + [True] * (len(COLUMNS) - 1)
+def ci_bounds(iv: dict[str, Any], fmt: str = ".3f") -> str:
+    """``mean [low, high]``, or ``mean (single seed, no interval)``."""
+    if iv.get("high") is None:
+        return f"{_num(iv['mean'], fmt, True)} (single seed, no interval)"
+    return f"{_num(iv['mean'], fmt, True)} [{_num(iv['low'], fmt, True)}, {_num(iv['high'], fmt, True)}]"
 
-    def line(cells: list[str]) -> str:
-        out = []
-        for c, w, num in zip(cells, widths, numeric, strict=True):
-            out.append(c.rjust(w) if num else c.ljust(w))
+
+def _lr(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0e}".replace("e-0", "e-")
+
+
+def main_configs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configurations of the main table: every variant at the main rank, then full."""
+    rank = result["recipe"]["rank"]
+    configs = result["summary"]["configs"]
+    return [c for c in configs if c["rank"] == rank] + [c for c in configs if c["name"] == "full"]
+
+
+def config_cells(c: dict[str, Any]) -> list[str]:
+    label = "full fine-tuning" if c["name"] == "full" else c["name"]
+    file = _bytes(c.get("file_bytes"))
+    speed = ci(c.get("speed_vs_lora"), ".2f", signed=False) if c.get("speed_vs_lora") else "—"
+    if c["name"] == "lora":
+        speed = "1 (reference)"
+    merge = f"{c['merge_max_abs_diff']:.1e}" if "merge_max_abs_diff" in c else "—"
+    lat = f"{c['latency_ratio']:.2f}×" if "latency_ratio" in c else "—"
+    return [
+        label,
+        _lr(c["lr"]),
+        str(c["r"]) if c.get("r") is not None else "—",
+        f"{c['trainable']:,}",
+        file,
+        f"{c['tokens_per_s']['mean']:,.0f}",
+        speed,
+        _bytes(c.get("peak_memory_bytes")),
+        ci(c["learned_bpb"]),
+        ci(c["forgot_bpb"]),
+        merge,
+        lat,
+        f"{c['run_seconds']['mean']:.1f}",
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]], numeric: list[bool] | None = None) -> str:
+    cells = [header] + rows
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = numeric or [False] + [True] * (len(header) - 1)
+
+    def line(row: list[str]) -> str:
+        out = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True)]
         return "| " + " | ".join(out) + " |"
 
     sep = (
@@ -87,15 +116,77 @@ def table(result: dict[str, Any]) -> str:
         )
         + "|"
     )
-    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def table(result: dict[str, Any]) -> str:
+    """The main table (printed on stdout and copied into report.md): the base, every variant at
+    the main rank and full fine-tuning, each figure as mean ± 95 % half-width over the seeds."""
+    base = next(r for r in result["runs"] if r["name"] == "base")
+    rows = [
+        ["base (not adapted)", "—", "—", "0", "—", "—", "—", "—",
+         f"target {base['target_bpb']:.3f}", f"source {base['source_bpb']:.3f}", "—", "—", "—"]
+    ]  # fmt: skip
+    rows += [config_cells(c) for c in main_configs(result)]
+    return markdown_table(list(COLUMNS), rows)
+
+
+def seeds_note(result: dict[str, Any]) -> str:
+    n = len(result["seeds"])
+    seeds = ", ".join(map(str, result["seeds"]))
+    if n == 1:
+        return f"seed {seeds}: single seed, no interval"
+    return f"mean ± half-width of the 95 % Student-t interval over {n} seeds ({seeds})"
+
+
+def versus_table(result: dict[str, Any]) -> str | None:
+    """Each variant minus LoRA at the same rank, paired by seed."""
+    rows = [
+        [c["label"], ci_bounds(c["learned_vs_lora"]), ci_bounds(c["forgot_vs_lora"])]
+        for c in result["summary"]["configs"]
+        if c.get("learned_vs_lora")
+    ]
+    if not rows:
+        return None
+    return markdown_table(["run", "learned − LoRA (bpb)", "forgot − LoRA (bpb)"], rows)
+
+
+def sweep_table(result: dict[str, Any]) -> str | None:
+    sweep = result["summary"]["rank_sweep"]
+    if not sweep:
+        return None
+    ranks = sorted({p["rank"] for pts in sweep.values() for p in pts})
+    rows = []
+    for name, pts in sweep.items():
+        by = {p["rank"]: p["learned_bpb"] for p in pts}
+        rows.append([name] + [ci(by.get(r)) if r in by else "—" for r in ranks])
+    return markdown_table(["learned bpb at rank"] + [f"r={r}" for r in ranks], rows)
+
+
+def claims_table(result: dict[str, Any]) -> str | None:
+    claims = result["summary"]["claims"]
+    if not claims:
+        return None
+    rows = []
+    for c in claims:
+        if c["checks"]:
+            evidence = "; ".join(
+                f"{k['check']}: Δ {ci_bounds(k['difference'], '.4g')} → {k['verdict']}" for k in c["checks"]
+            )
+        else:
+            evidence = c.get("note", "")
+        rows.append([c["variant"], c["statement"], c["verdict"].upper(), evidence])
+    return markdown_table(["variant", "claim", "verdict", "evidence (paired by seed: a − ratio·b)"], rows,
+                          [False, False, False, False])  # fmt: skip
 
 
 def summary(result: dict[str, Any]) -> str:
-    """Lines under the table: data sizes, base cache status, timings."""
+    """Lines under the table: seeds, data sizes, base cache status, timings."""
     d = result["data"]
     t = result["timing"]
     base = result["base"]
     lines = [
+        seeds_note(result),
         f"source domain {d['source']['name']}: train {d['source']['train_bytes']:,} B, "
         f"eval {d['source']['eval_bytes']:,} B; target domain {d['target']['name']}: "
         f"train {d['target']['train_bytes']:,} B, eval {d['target']['eval_bytes']:,} B",
@@ -109,11 +200,27 @@ def summary(result: dict[str, Any]) -> str:
                 f"base: pre-trained {p['steps']} steps in {p['seconds']:.1f} s "
                 f"(cpu {p['cpu_seconds']:.1f} s), cached at {base['cache_file']}"
             )
+    v = result["versions"]
     lines.append(
-        f"total {t['total_seconds']:.1f} s wall, {t['total_cpu_seconds']:.1f} s process CPU, "
-        f"{result['threads']} thread(s), device {result['versions']['device']}"
+        f"{len(result['runs']) - 1} runs; total {t['total_seconds']:.1f} s wall, "
+        f"{t['total_cpu_seconds']:.1f} s process CPU, {result['threads']} thread(s), device {v['device']}, "
+        f"torch {v['torch']}, lorazoo {v['lorazoo']}"
     )
     return "\n".join(lines)
+
+
+def console(result: dict[str, Any]) -> str:
+    """Everything printed on stdout."""
+    parts = [table(result), "", seeds_note(result)]
+    for title, body in (
+        ("Paired by seed against LoRA at the same rank (mean [95 % interval]):", versus_table(result)),
+        ("Rank sweep:", sweep_table(result)),
+        ("Claims:", claims_table(result)),
+    ):
+        if body:
+            parts += ["", title, body]
+    parts += ["", summary(result)]
+    return "\n".join(parts)
 
 
 def _json_safe(x: Any) -> Any:
@@ -130,7 +237,6 @@ def markdown(result: dict[str, Any], figure: str | None, figure_note: str) -> st
     r = result["recipe"]
     d = result["data"]
     v = result["versions"]
-    runs = [x for x in result["runs"] if "train_seconds" in x]
     out = [
         "# lorazoo bench",
         "",
@@ -139,16 +245,29 @@ def markdown(result: dict[str, Any], figure: str | None, figure_note: str) -> st
         "",
         table(result),
         "",
-        "bpb: bits per byte on the held-out split; learned = base target bpb − run target bpb "
-        "(higher is better); forgot = run source bpb − base source bpb (lower is better). "
-        "merge Δ: max |merged − unmerged| logit difference on an eval batch. unmerged/merged: median "
-        "ratio of inference latency over interleaved pairs.",
+        seeds_note(result) + ". bpb: bits per byte on the held-out split; learned = base target bpb − run "
+        "target bpb (higher is better); forgot = run source bpb − base source bpb (lower is better). "
+        "speed vs LoRA: per-seed ratio of LoRA's training CPU time to the run's at the same rank "
+        "(tokens per CPU second relative to LoRA; the wall-time ratio is in results.json). merge Δ: max "
+        "|merged − unmerged| logit difference on an eval batch (largest over the seeds). unmerged/merged: "
+        "median ratio of inference latency over interleaved pairs (first seed).",
+    ]
+    for title, body in (
+        ("## Paired by seed against LoRA", versus_table(result)),
+        ("## Rank sweep (learned bpb)", sweep_table(result)),
+        ("## Claims", claims_table(result)),
+    ):
+        if body:
+            out += ["", title, "", body]
+    out += [
         "",
         "## Setup",
         "",
         f"- model: {json.dumps(result['model'])}",
-        f"- every run: {r['steps']} steps, batch {r['batch']} × {r['seq_len']} tokens, seed {r['seed']}, "
-        f"targets {', '.join(r['targets'])}, AdamW, {int(r['warmup'] * 100)}% warm-up then cosine to 10%",
+        f"- every run: {r['steps']} steps, batch {r['batch']} × {r['seq_len']} tokens, seeds "
+        f"{', '.join(map(str, result['seeds']))}, targets {', '.join(r['targets'])}, AdamW, "
+        f"{int(r['warmup'] * 100)}% warm-up then cosine to 10%",
+        f"- seeds: {result['seed_rule']}",
         f"- rank: {result['rank_rule']}",
         "- source domain: "
         f"{d['source']['origin']} — train {d['source']['train_bytes']:,} B "
@@ -158,25 +277,39 @@ def markdown(result: dict[str, Any], figure: str | None, figure_note: str) -> st
         f"{d['target']['origin']} — train {d['target']['train_bytes']:,} B ({d['target']['train_documents']} "
         f"documents), eval {d['target']['eval_bytes']:,} B ({d['target']['eval_documents']} documents)",
         f"- evaluation: {r['eval_windows']} windows spread evenly over each eval split",
+        f"- versions: {json.dumps(v)}",
         "",
         "## Times",
         "",
         summary(result).replace("\n", "  \n"),
         "",
-        "| run | train s | train CPU s | peak memory method |",
-        "|:--|--:|--:|:--|",
+        "| run | seed | train s | train CPU s | run s | train tok/s | learned bpb | forgot bpb |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for x in runs:
+    for x in result["runs"]:
+        if x.get("seed") is None:
+            continue
         out.append(
-            f"| {x['name']} | {x['train_seconds']:.1f} | {x['train_cpu_seconds']:.1f} "
-            f"| {x['memory_method']} |"
+            f"| {x['label']} | {x['seed']} | {x['train_seconds']:.1f} | {x['train_cpu_seconds']:.1f} "
+            f"| {x['run_seconds']:.1f} | {x['tokens_per_s']:,.0f} | {x['learned_bpb']:+.3f} "
+            f"| {x['forgot_bpb']:+.3f} |"
         )
-    out += ["", "## Figure", "", f"![learned vs forgot]({figure})" if figure else figure_note, ""]
+    mem = next((x["memory_method"] for x in result["runs"] if "memory_method" in x), "")
+    out += ["", f"Peak memory: {mem}.", "", "## Figure", ""]
+    out += [f"![learned vs forgot, rank sweep, loss curves]({figure})" if figure else figure_note, ""]
     return "\n".join(out)
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
 def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
-    """Write the PNG when matplotlib is installed; otherwise say so."""
+    """Write the PNG when matplotlib is installed; otherwise say so.
+
+    Panels: learned vs forgot per configuration at the main rank with 95 % interval bars (a
+    legend, not labels beside the points, so ten or more runs stay readable); learned vs rank per
+    variant when the bench ran several ranks; the mean training-loss curve per configuration at
+    the main rank."""
     try:
         import matplotlib
 
@@ -184,32 +317,70 @@ def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return False, "No figure: matplotlib is not installed (pip install 'lorazoo[bench]')."
-    runs = result["runs"]
-    # One colour per run in both panels, so a point and its loss curve read as the same run.
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colour = {x["name"]: palette[i % len(palette)] for i, x in enumerate(runs)}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for x in runs:
-        ax1.scatter(x["forgot_bpb"], x["learned_bpb"], s=40, color=colour[x["name"]])
-        ax1.annotate(
-            x["name"], (x["forgot_bpb"], x["learned_bpb"]), textcoords="offset points", xytext=(4, 4)
-        )
+    summary_ = result["summary"]
+    configs = summary_["configs"]
+    sweep = summary_["rank_sweep"]
+    names = list(dict.fromkeys(c["name"] for c in configs))
+    # ten well-separated colours while they suffice; tab20's paired shades only beyond
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    ncols = 3 if sweep else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6.0 * ncols, 5.2))
+    ax1 = axes[0]
+
+    def half(iv: dict[str, Any]) -> float:
+        return 0.0 if iv.get("high") is None else iv["high"] - iv["mean"]
+
+    for i, c in enumerate(main_configs(result)):  # other ranks: the rank-sweep panel
+        x, y = c["forgot_bpb"], c["learned_bpb"]
+        ax1.errorbar(
+            x["mean"], y["mean"], xerr=half(x), yerr=half(y), fmt=_MARKERS[i % len(_MARKERS)],
+            color=colour[c["name"]], ms=7, capsize=3, label=c["label"],
+        )  # fmt: skip
     ax1.set_xlabel("forgot: source bpb − base (lower is better)")
     ax1.set_ylabel("learned: base − target bpb (higher is better)")
-    ax1.axhline(0, color="grey", lw=0.5)
-    ax1.axvline(0, color="grey", lw=0.5)
-    ax1.set_title("learned vs forgot")
-    for x in runs:
-        curve = x.get("curve")
-        if curve:
-            k = max(1, len(curve) // 50)
-            smooth = [sum(curve[i : i + k]) / len(curve[i : i + k]) for i in range(0, len(curve), k)]
-            steps = [i * k for i in range(len(smooth))]
-            ax2.plot(steps, smooth, label=x["name"], color=colour[x["name"]])
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("training loss (nats/token)")
-    ax2.set_title("target-domain training loss")
-    ax2.legend(fontsize=8)
+    ax1.set_title(f"learned vs forgot ({seeds_note(result)})", fontsize=9)
+    ax1.legend(fontsize=7, ncol=2 if len(configs) > 10 else 1, loc="best", framealpha=0.8)
+    ax1.grid(alpha=0.3)
+    k = 1
+    if sweep:
+        ax = axes[1]
+        for name, pts in sweep.items():
+            rs = [p["rank"] for p in pts]
+            ys = [p["learned_bpb"]["mean"] for p in pts]
+            es = [half(p["learned_bpb"]) for p in pts]
+            ax.errorbar(rs, ys, yerr=es, marker="o", capsize=3, color=colour[name], label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bench rank")
+        ax.set_ylabel("learned: base − target bpb")
+        ax.set_title("rank sweep (alpha at each config's default)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        k = 2
+    ax = axes[k]
+    main = {c["name"] for c in main_configs(result)}
+    for name in names:
+        if name not in main:
+            continue
+        curves = [
+            r["curve"]
+            for r in result["runs"]
+            if r["name"] == name and r.get("curve") and r["rank"] in (None, result["recipe"]["rank"])
+        ]
+        if not curves:
+            continue
+        mean = [sum(v) / len(v) for v in zip(*curves, strict=True)]
+        w = max(1, len(mean) // 10)
+        smooth = [
+            sum(mean[max(0, i - w + 1) : i + 1]) / len(mean[max(0, i - w + 1) : i + 1])
+            for i in range(len(mean))
+        ]
+        ax.plot(range(1, len(smooth) + 1), smooth, color=colour[name], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss, nats/token (mean over seeds, trailing mean)")
+    ax.set_title("target-domain training loss", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -217,11 +388,17 @@ def figure(result: dict[str, Any], path: Path) -> tuple[bool, str]:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> Path:
-    """Write the output folder atomically (temporary sibling, then rename). Returns ``out``."""
+    """Write the output folder atomically (temporary sibling, then rename). Returns ``out``.
+
+    The folder gets the permissions a plain ``mkdir`` would (``0o777`` less the umask), not the
+    owner-only mode of the temporary directory it is assembled in."""
     out = out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         files = result.get("_files", {})
         for rel, blob in files.items():
             p = tmp / rel
