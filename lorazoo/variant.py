@@ -274,6 +274,13 @@ class Variant(nn.Module, ABC):
         default_r = next((f.default for f in dataclasses.fields(cls.config_class) if f.name == "r"), 8)
         return {"r": max(1, round(int(default_r) * rank / 8))}
 
+    @classmethod
+    def bench_record(cls, model: nn.Module, name: str) -> dict[str, Any]:
+        """Extra figures ``lorazoo bench`` stores with a run of this variant (adapter ``name`` of
+        ``model``) after training, as JSON values. Default: nothing. AdaLoRA records the rank it
+        kept per layer (``"ranks"``) and the history of its masks (``"rank_history"``)."""
+        return {}
+
     # ---- optional hooks ----------------------------------------------------------------------
 
     @classmethod

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lorazoo
+from lorazoo.claims import Claim, Compare, Ref
 from lorazoo.errors import AdapterFileError, ConfigError, LorazooError
 
 # A model whose adapter tensors were updated this many times by an optimizer with no per-step
@@ -302,6 +303,17 @@ class AdaLoRA(lorazoo.Variant):
     docstring."""
 
     name = "adalora"
+    claims = (
+        Claim(
+            "at an equal final parameter budget, learns at least as much as LoRA (within 0.01 bpb)",
+            paper="Zhang et al., arXiv 2303.10512",
+            checks=(
+                # the final budget: LoRA's factors plus one λ per kept triplet
+                Compare("trainable", Ref("adalora"), "<", Ref("lora"), ratio=1.02),
+                Compare("learned_bpb", Ref("adalora"), ">", Ref("lora"), slack=0.01),
+            ),
+        ),
+    )
     config_class = AdaLoraConfig
     exact_at_init = True  # E = 0 exactly
     # Λ starts at zero and P, Q at N(0, 0.02²): the update starts far smaller than LoRA's and
@@ -490,6 +502,11 @@ class AdaLoRA(lorazoo.Variant):
     def bench_kwargs(cls, rank: int) -> dict[str, Any]:
         """``--rank`` is the final average rank: ``r = ceil(1.5·rank)``, ``target_r = rank``."""
         return {"r": math.ceil(1.5 * rank), "target_r": rank}
+
+    @classmethod
+    def bench_record(cls, model: nn.Module, name: str) -> dict[str, Any]:
+        """The rank kept per layer and every mask's budget and ranks, for the bench's report."""
+        return {"ranks": ranks(model, name), "rank_history": rank_history(model, name)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -233,6 +233,29 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def rank_pictures(result: dict[str, Any]) -> str | None:
+    """For each run that records the rank it kept per layer (AdaLoRA), the first seed's ranks as
+    a bar per layer, with the budget of every mask."""
+    blocks = []
+    for x in result["runs"]:
+        kept = x.get("ranks")
+        if not kept or x.get("seed") != result["seeds"][0]:
+            continue
+        top = max(max(kept.values()), 1)
+        width = max(len(p) for p in kept)
+        lines = [
+            f"{x['label']} (seed {x['seed']}): {sum(kept.values())} triplets kept over {len(kept)} layers"
+        ]
+        lines += [f"{p.ljust(width)}  {'█' * round(24 * k / top):<24} {k}" for p, k in kept.items()]
+        history = x.get("rank_history") or []
+        if history:
+            lines.append(
+                "budget per mask (step: kept): " + ", ".join(f"{m['step']}: {m['budget']}" for m in history)
+            )
+        blocks.append("```\n" + "\n".join(lines) + "\n```")
+    return "\n\n".join(blocks) or None
+
+
 def markdown(result: dict[str, Any], figure: str | None, figure_note: str) -> str:
     r = result["recipe"]
     d = result["data"]
@@ -256,6 +279,7 @@ def markdown(result: dict[str, Any], figure: str | None, figure_note: str) -> st
         ("## Paired by seed against LoRA", versus_table(result)),
         ("## Rank sweep (learned bpb)", sweep_table(result)),
         ("## Claims", claims_table(result)),
+        ("## Ranks kept per layer", rank_pictures(result)),
     ):
         if body:
             out += ["", title, "", body]

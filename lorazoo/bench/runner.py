@@ -310,6 +310,7 @@ def run_one(setup: Setup, spec: RunSpec, seed: int, latency: bool = False) -> di
     initialisation (``torch.manual_seed(seed)`` before ``inject``) and the batch order (a
     generator seeded with ``1000 + seed``). ``latency``: also time unmerged vs merged inference."""
     from .. import LorazooError, inject, param_groups, save, trainable
+    from ..engine.inject import iter_adapters
 
     r, device = setup.recipe, setup.device
     is_full = spec.hyper is None
@@ -344,6 +345,8 @@ def run_one(setup: Setup, spec: RunSpec, seed: int, latency: bool = False) -> di
         sync(device)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     del optimizer
+    # after training: a variant whose budget shrinks while training (AdaLoRA) ends with fewer
+    count_start, count = count, trainable(model)
     tb, sb = setup.evaluate(model)
     q, w = max(1, r.steps // 4), max(1, r.steps // 10)
     row: dict[str, Any] = {
@@ -356,6 +359,7 @@ def run_one(setup: Setup, spec: RunSpec, seed: int, latency: bool = False) -> di
         "lr": spec.lr,
         "config": spec.hyper,
         "trainable": count.trainable,
+        "trainable_at_start": count_start.trainable,
         "total_params": count.total,
         "train_seconds": wall,
         "train_cpu_seconds": cpu,
@@ -380,6 +384,8 @@ def run_one(setup: Setup, spec: RunSpec, seed: int, latency: bool = False) -> di
             setup.files[f"adapters/{spec.name}.safetensors"] = fpath.read_bytes()
         fpath.unlink()
         row.update(merge_checks(setup, model, latency))
+        name, adapter = next((n, a) for _, n, a in iter_adapters(model))
+        row.update(type(adapter).bench_record(model, name))
     row["run_seconds"] = time.perf_counter() - t_run
     return row
 

@@ -2,7 +2,8 @@
 
 :func:`train` is the one loop every run goes through (pre-training, adapters, full
 fine-tuning), and the one place where lorazoo's per-step work is invoked for adapter runs:
-``extra_loss`` is added to the loss and ``after_step`` follows each optimizer step.
+``extra_loss`` is added to the loss, and ``lorazoo.attach`` hooks each variant's per-step work
+(AdaLoRA's rank allocation) onto the optimizer for the run's length.
 """
 
 from __future__ import annotations
@@ -82,14 +83,40 @@ def train(
     adapters: bool,
 ) -> list[float]:
     """Train ``steps`` steps on batches drawn by a generator seeded with ``data_seed``; returns
-    the loss per step (nats). ``adapters``: run lorazoo's per-step work (``extra_loss`` and
-    ``after_step``) — this is the only place the bench calls it."""
-    from .. import after_step, extra_loss
+    the loss per step (nats). ``adapters``: run lorazoo's per-step work (``extra_loss`` and the
+    optimizer hooks of ``attach``) — this is the only place the bench calls it."""
+    from .. import attach
 
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warmup))
     gen = torch.Generator().manual_seed(data_seed)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     curve: list[float] = []
+    hooks = attach(model, optimizer, total_steps=steps) if adapters else None
+    try:
+        _loop(model, optimizer, sched, stream, steps, batch, gen, device, progress, adapters, params, curve)
+    finally:
+        if hooks is not None:
+            hooks.remove()
+    model.eval()
+    return curve
+
+
+def _loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    stream: Windows,
+    steps: int,
+    batch: int,
+    gen: torch.Generator,
+    device: torch.device,
+    progress: Progress,
+    adapters: bool,
+    params: list[Tensor],
+    curve: list[float],
+) -> None:
+    from .. import extra_loss
+
     model.train()
     for step in range(steps):
         ids = stream.sample(batch, gen).to(device)
@@ -102,8 +129,6 @@ def train(
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if adapters:
-            after_step(model, step)
         optimizer.zero_grad(set_to_none=True)
         sched.step()
         value = loss.item()
@@ -111,5 +136,3 @@ def train(
             raise BenchError(f"training diverged at step {step} (loss {value}); try a smaller --lr")
         curve.append(value)
         progress.update(1, f"loss {value:.3f}")
-    model.eval()
-    return curve
