@@ -2,7 +2,7 @@
 
 A trace function counts the line events executed inside lorazoo (the library and its built-in
 variant plugins) during one load, then the load is repeated with a KeyboardInterrupt raised at
-the 1st, 2nd, ... k-th line event, for every k and every registered variant, into a model
+the 1st, 2nd, ... k-th line event, for every k and every registered variant, in fp32 and bf16, into a model
 without the adapter (inject from the file) and into one that has it (tensors replaced). After
 each interrupted load the model must be bit for bit as before, or exactly as a completed load
 leaves it.
@@ -55,8 +55,8 @@ def _hyper(variant):
     return {"r": 4} if variant == "vera" else {"r": 4, "alpha": 8}
 
 
-def _model(variant, existing):
-    model = Net()
+def _model(variant, existing, dtype):
+    model = Net().to(dtype)
     if existing:
         lorazoo.inject(model, variant, targets=["q_proj", "v_proj"], **_hyper(variant))
         perturb(model, 11)
@@ -88,25 +88,26 @@ def cases():
             yield pytest.param(variant, existing, id=f"{variant}-{'existing' if existing else 'fresh'}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant, existing", list(cases()))
-def test_load_interrupted_at_every_line_is_all_or_nothing(variant, existing):
+def test_load_interrupted_at_every_line_is_all_or_nothing(variant, existing, dtype):
     with tempfile.TemporaryDirectory() as d:
-        source = Net()
+        source = Net().to(dtype)
         lorazoo.inject(source, variant, targets=["q_proj", "v_proj"], **_hyper(variant))
         perturb(source, 3)
         source.eval()
         path = lorazoo.save(source, Path(d) / "a.safetensors")
 
-        done = _model(variant, existing)
+        done = _model(variant, existing, dtype)
         with InterruptAt() as counter:
             lorazoo.load(done, path)
         total = counter.count
         assert total > 100  # the trace sees the load
-        assert torch.equal(done.eval()(X), source(X))
+        assert torch.equal(done.eval()(X.to(dtype)), source(X.to(dtype)))
         after = observed(done)
 
         outcomes = {"unchanged": 0, "loaded": 0}
-        model = _model(variant, existing)
+        model = _model(variant, existing, dtype)
         before = observed(model)
         for k in range(1, total + 1):
             try:
@@ -122,7 +123,7 @@ def test_load_interrupted_at_every_line_is_all_or_nothing(variant, existing):
                 outcomes["unchanged"] += 1  # the same model serves the next k
             elif same(now, after):
                 outcomes["loaded"] += 1
-                model = _model(variant, existing)
+                model = _model(variant, existing, dtype)
             else:
                 pytest.fail(
                     f"{variant}: an interrupt at line event {k} of {total} left the model half-loaded"
