@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from test_engine import Net, assert_same, state
 
 import lorazoo
+import lorazoo.testing
 
 
 def _trained(variant="lora", r=4, dtype=torch.float32, name="default"):
