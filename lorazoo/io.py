@@ -109,12 +109,19 @@ def save(
         "modules": modules,
         "lorazoo_version": __version__,
     }
+    return write_file(path, doc, tensors)
+
+
+def write_file(path: str | os.PathLike, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """Write an adapter document and its tensors as a lorazoo file, atomically: a temporary file
+    beside ``path``, flushed to disk, then renamed over it (a crash leaves the old file or the new
+    one, never a part)."""
     meta = {
         "lorazoo.format": FORMAT,
         "lorazoo.format_version": str(FORMAT_VERSION),
         "lorazoo.adapter": json.dumps(doc, sort_keys=True),
     }
-    blob = st_save(tensors, metadata=meta)
+    blob = st_save({k: t.contiguous() for k, t in tensors.items()}, metadata=meta)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

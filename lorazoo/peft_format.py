@@ -720,7 +720,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
 def write_lorazoo_file(path: str | os.PathLike, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
     """Write a document from :func:`read_peft` as a lorazoo adapter file, atomically."""
     from . import __version__, registry
-    from .io import FORMAT, FORMAT_VERSION
+    from .io import write_file
 
     cls = registry.variant(doc["variant"])
     config = cls.config_class.from_kwargs(**doc["config"])  # validated before anything is written
@@ -733,21 +733,4 @@ def write_lorazoo_file(path: str | os.PathLike, doc: dict[str, Any], tensors: di
         "modules": doc["modules"],
         "lorazoo_version": __version__,
     }
-    meta = {
-        "lorazoo.format": FORMAT,
-        "lorazoo.format_version": str(FORMAT_VERSION),
-        "lorazoo.adapter": json.dumps(out, sort_keys=True),
-    }
-    blob = st_save({k: t.contiguous() for k, t in tensors.items()}, metadata=meta)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_file(path, out, tensors)
