@@ -311,14 +311,7 @@ def apply_update(
             gc = g[start:stop] if g is not None else None
             d, m, m_lp, b_lp = buf.take(rows)
             torch.mm(B[start:stop], A, out=d)
-            if gc is None:
-                # computed in the accumulation dtype (a low-precision w is widened exactly inside
-                # the add) and rounded once on the write
-                merged = torch.add(w, d, out=m if m_lp is None else m_lp)
-            else:
-                m.copy_(w)
-                torch.addcmul(d, m, gc, out=m)
-                merged = m if m_lp is None else m_lp.copy_(m)
+            merged = _merged_rows(w, d, gc, m, m_lp)
             back = _undo_into(merged, d, gc, b_lp)
             # bits(original) - bits(undo), wrapping in the native integer width; restoring adds it
             # back with the same wrap, so the round trip is exact even across sign changes.
@@ -448,6 +441,18 @@ def _revert(
         raise
 
 
+def _merged_rows(w: Tensor, d: Tensor, gc: Tensor | None, m: Tensor, m_lp: Tensor | None) -> Tensor:
+    """``cast(gc ⊙_row w + d)`` for rows ``w`` with their update ``d = B·A`` (accumulation dtype),
+    into the work buffers ``m`` / ``m_lp`` (the weight's dtype when it is low precision). Computed
+    in the accumulation dtype (a low-precision ``w`` is widened exactly inside the add) and
+    rounded once on the write."""
+    if gc is None:
+        return torch.add(w, d, out=m if m_lp is None else m_lp)
+    m.copy_(w)
+    torch.addcmul(d, m, gc, out=m)
+    return m if m_lp is None else m_lp.copy_(m)
+
+
 def _reapply(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None, rows: int) -> None:
     """Write ``cast(g ⊙_row W + B·A)`` again over rows ``[0, rows)`` that a revert restored to
     their original bits: the same operations on the same inputs give the merged bits back."""
@@ -464,13 +469,7 @@ def _reapply(weight: Tensor, B: Tensor, A: Tensor, g: Tensor | None, rows: int) 
         gc = g[start:stop] if g is not None else None
         d, m, m_lp, _ = buf.take(stop - start)
         torch.mm(B[start:stop], A, out=d)
-        if gc is None:
-            merged = torch.add(w, d, out=m if m_lp is None else m_lp)
-        else:
-            m.copy_(w)
-            torch.addcmul(d, m, gc, out=m)
-            merged = m if m_lp is None else m_lp.copy_(m)
-        w.copy_(merged)
+        w.copy_(_merged_rows(w, d, gc, m, m_lp))
 
 
 def version(t: Tensor) -> int | None:
