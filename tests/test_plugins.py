@@ -2,10 +2,13 @@
 as an installed distribution does; broken and conflicting plugins are reported clearly."""
 
 import ast
+import contextlib
 import inspect
+import io
 import sys
 import textwrap
 import typing
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import lorazoo
 import lorazoo.claims
 import lorazoo.testing
 from lorazoo import registry
+from lorazoo.cli import main
 
 PLUGIN = '''
 """A third-party variant: LoRA with half the usual scale."""
@@ -44,28 +48,19 @@ def lorazoo_variants():
 '''
 
 
-def make_distribution(root, dist, module, variant, body=PLUGIN):
-    """Lay out a package the way pip installs it: the module plus a ``.dist-info`` whose
-    ``entry_points.txt`` is what the package's pyproject.toml declares."""
+def lay_out(root, dist, files, pyproject):
+    """Lay out a distribution the way pip installs it: its ``files`` (path → text) plus a
+    ``.dist-info`` whose ``entry_points.txt`` is what ``pyproject`` declares."""
     src = root / dist
-    pkg = src / module
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "plugin.py").write_text(textwrap.dedent(body.replace("{name}", variant)))
-    (src / "pyproject.toml").write_text(
-        textwrap.dedent(
-            f"""
-            [project]
-            name = "{dist}"
-            version = "0.1"
-            dependencies = ["lorazoo"]
-
-            [project.entry-points.lorazoo]
-            {variant} = "{module}.plugin"
-            """
-        )
-    )
-    declared = tomllib.loads((src / "pyproject.toml").read_text())["project"]["entry-points"]["lorazoo"]
+    for rel, text in files.items():
+        path = src / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        init = path.parent / "__init__.py"
+        if path.parent != src and not init.exists():
+            init.write_text("")
+    (src / "pyproject.toml").write_text(pyproject)
+    declared = tomllib.loads(pyproject)["project"]["entry-points"]["lorazoo"]
     info = src / f"{dist.replace('-', '_')}-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
@@ -74,17 +69,40 @@ def make_distribution(root, dist, module, variant, body=PLUGIN):
     return src
 
 
+def make_distribution(root, dist, module, variant, body=PLUGIN, names=None):
+    """A package whose ``<module>/plugin.py`` is ``body``, declared under the entry-point
+    ``names`` (default: the variant's name)."""
+    declared = "".join(f'{n} = "{module}.plugin"\n' for n in names or [variant])
+    pyproject = textwrap.dedent(
+        f"""
+        [project]
+        name = "{dist}"
+        version = "0.1"
+        dependencies = ["lorazoo"]
+
+        [project.entry-points.lorazoo]
+        """
+    )
+    files = {f"{module}/plugin.py": textwrap.dedent(body.replace("{name}", variant))}
+    return lay_out(root, dist, files, pyproject + declared)
+
+
 @pytest.fixture
 def site(tmp_path):
     """A directory on sys.path standing in for site-packages; the registry re-reads entry points."""
     added = []
 
-    def install(dist, module, variant, body=PLUGIN):
-        src = make_distribution(tmp_path, dist, module, variant, body)
+    def put(src, module):
         sys.path.insert(0, str(src))
         added.append((str(src), module))
         registry.reload()
 
+    def install(dist, module, variant, body=PLUGIN, names=None):
+        put(make_distribution(tmp_path, dist, module, variant, body, names), module)
+
+    install.files = lambda dist, module, files, pyproject: put(
+        lay_out(tmp_path, dist, files, pyproject), module
+    )
     yield install
     for path, module in added:
         sys.path.remove(path)
@@ -119,6 +137,152 @@ def test_two_plugins_registering_one_name(site):
         lorazoo.variants()
     msg = str(e.value)
     assert "'lora' is registered twice" in msg and "lorazoo_plugins.lora" in msg and "dup_pkg.plugin" in msg
+
+
+MISSPELLED = PLUGIN.replace("def lorazoo_variants():", "def lorazoo_variant():")
+UNMARKED = PLUGIN.replace("@lorazoo.hookimpl\n", "")
+WRONG_ARGS = PLUGIN.replace("def lorazoo_variants():", "def lorazoo_variants(config):")
+LISTS_JUNK = PLUGIN.replace("return [HalfLoRA]", "return [HalfConfig]")
+
+
+def assert_builtins_work():
+    assert {"lora", "dora", "olora"} <= set(lorazoo.variants())
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    lorazoo.inject(model, "lora", targets=["0"], r=1)
+    assert lorazoo.trainable(model).trainable == 1 * (4 + 3)
+
+
+def test_broken_plugin_is_named_when_its_variant_is_asked_for(site):
+    site("broken-pkg", "broken_pkg", "broken", body="raise ImportError('missing dependency xyz')\n")
+    with pytest.warns(lorazoo.PluginLoadWarning):
+        lorazoo.variants()
+    with pytest.raises(lorazoo.UnknownVariantError) as e:
+        lorazoo.variant("broken")
+    assert "plugin 'broken (broken_pkg.plugin)' that would provide it was skipped" in str(e.value)
+    assert "ImportError: missing dependency xyz" in str(e.value)
+    assert registry.skipped() == {
+        "broken (broken_pkg.plugin)": "failed to import: ImportError: missing dependency xyz"
+    }
+    assert_builtins_work()
+
+
+def test_misspelled_hook_in_installed_plugin_is_reported_not_ignored(site):
+    site("typo-pkg", "typo_pkg", "halflora", body=MISSPELLED)
+    with pytest.warns(lorazoo.PluginLoadWarning) as record:
+        names = lorazoo.variants()
+    msg = str(record[0].message)
+    assert "'halflora (typo_pkg.plugin)'" in msg
+    assert "implements 'lorazoo_variant' (did you mean 'lorazoo_variants'?)" in msg
+    assert "Known hooks: lorazoo_variants" in msg
+    assert "halflora" not in names
+    with pytest.raises(
+        lorazoo.UnknownVariantError, match="would provide it was skipped: implements 'lorazoo_variant'"
+    ):
+        lorazoo.variant("halflora")
+    assert_builtins_work()
+
+
+def test_plugin_without_marked_hooks_is_reported(site):
+    site("unmarked-pkg", "unmarked_pkg", "halflora", body=UNMARKED)
+    with pytest.warns(lorazoo.PluginLoadWarning, match=r"unmarked_pkg.*no function marked @lorazoo.hookimpl"):
+        assert "halflora" not in lorazoo.variants()
+    assert_builtins_work()
+
+
+def test_hook_with_wrong_arguments_is_reported_and_others_work(site):
+    site("args-pkg", "args_pkg", "halflora", body=WRONG_ARGS)
+    with pytest.warns(lorazoo.PluginLoadWarning, match=r"args_pkg.*cannot call.*config.*Known hooks"):
+        assert "halflora" not in lorazoo.variants()
+    assert_builtins_work()
+
+
+def test_installed_plugin_listing_a_non_variant_is_skipped_and_others_work(site):
+    site("junk-pkg", "junk_pkg", "halflora", body=LISTS_JUNK)
+    with pytest.warns(
+        lorazoo.PluginLoadWarning, match=r"junk_pkg.*HalfConfig.*not a lorazoo.Variant subclass"
+    ):
+        assert "halflora" not in lorazoo.variants()
+    assert_builtins_work()
+    assert "junk_pkg" in " ".join(registry.skipped())
+
+
+def test_two_entry_points_for_one_module_load_it_once(site):
+    site("twice-pkg", "twice_pkg", "halflora", names=["halflora", "half-lora"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading it once is silent
+        names = lorazoo.variants()
+    assert names.count("halflora") == 1
+    assert "twice_pkg.plugin" in registry.plugin_of("halflora")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    lorazoo.inject(model, "halflora", targets=["0"], r=2, alpha=8)
+    assert model[0].adapters["default"].scale == 2.0
+    assert_builtins_work()
+
+
+def test_misspelled_hook_in_register_is_an_error_and_changes_nothing():
+    class Typo:
+        @lorazoo.hookimpl
+        def lorazoo_variant(self):
+            return [lorazoo.variant("lora")]
+
+    before = lorazoo.variants()
+    with pytest.raises(lorazoo.PluginError) as e:
+        lorazoo.register(Typo(), name="typo-plugin")
+    msg = str(e.value)
+    assert "'typo-plugin'" in msg and "did you mean 'lorazoo_variants'?" in msg and "Known hooks:" in msg
+    assert lorazoo.variants() == before
+    assert registry.manager().get_plugin("typo-plugin") is None  # the name is free again
+
+    class Fine:
+        @lorazoo.hookimpl
+        def lorazoo_variants(self):
+            return []
+
+    plugin = Fine()
+    lorazoo.register(plugin, name="typo-plugin")
+    try:
+        with pytest.raises(lorazoo.PluginError, match="already registered as 'typo-plugin'"):
+            lorazoo.register(plugin, name="again")
+        with pytest.raises(lorazoo.PluginError, match="'typo-plugin' is already registered"):
+            lorazoo.register(Fine(), name="typo-plugin")
+    finally:
+        lorazoo.unregister(plugin)
+    with pytest.raises(lorazoo.PluginError, match="not a registered lorazoo plugin"):
+        lorazoo.unregister(plugin)
+    assert lorazoo.variants() == before
+
+
+def test_register_with_wrong_hook_arguments_is_an_error():
+    class Args:
+        @lorazoo.hookimpl
+        def lorazoo_variants(self, config):
+            return []
+
+    with pytest.raises(lorazoo.PluginError, match=r"'args-plugin'.*cannot call.*config.*Known hooks"):
+        lorazoo.register(Args(), name="args-plugin")
+    assert registry.manager().get_plugin("args-plugin") is None
+
+
+def test_bench_variants_typo_suggests_a_plugin_variant(site, tmp_path):
+    site("halflora-pkg", "halflora_pkg", "halflora")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(
+            [
+                "bench",
+                "--quick",
+                "--variants",
+                "lora,halflroa",
+                "--out",
+                str(tmp_path / "o"),
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
+    assert rc == 2 and out.getvalue() == ""
+    assert "unknown variant 'halflroa' in --variants (did you mean 'halflora'?)" in err.getvalue()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
 
 
 def test_in_process_registration_and_bad_plugins():
