@@ -3,8 +3,11 @@ as an installed distribution does; broken and conflicting plugins are reported c
 
 import ast
 import contextlib
+import copy
+import importlib.util
 import inspect
 import io
+import re
 import sys
 import textwrap
 import typing
@@ -100,9 +103,11 @@ def site(tmp_path):
     def install(dist, module, variant, body=PLUGIN, names=None):
         put(make_distribution(tmp_path, dist, module, variant, body, names), module)
 
-    install.files = lambda dist, module, files, pyproject: put(
-        lay_out(tmp_path, dist, files, pyproject), module
-    )
+    def install_files(dist, module, files, pyproject):
+        put(lay_out(tmp_path, dist, files, pyproject), module)
+
+    install.files = install_files
+    install.root = tmp_path
     yield install
     for path, module in added:
         sys.path.remove(path)
@@ -427,3 +432,92 @@ def test_plugin_helpers_behave():
     ]
     with pytest.raises(lorazoo.LorazooError, match="no adapter named 'c'.*'a', 'b'"):
         P.adapters_named(model, "c")
+
+
+# --------------------------------------------------------------------------------------------
+# The plugin guide's example package, built exactly as docs/interface.md shows it
+# --------------------------------------------------------------------------------------------
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "interface.md"
+
+
+def guide_files() -> dict[str, str]:
+    """The guide's code blocks whose first line names a file (``# path``), by that path."""
+    files = {}
+    for block in re.findall(r"```(?:python|toml)\n(.*?)```", GUIDE.read_text(), flags=re.S):
+        first, _, rest = block.partition("\n")
+        if first.startswith("# ") and ("/" in first or first.strip() == "# pyproject.toml"):
+            files[first[2:].strip()] = rest
+    return files
+
+
+def test_guide_example_package_installs_and_conforms(site):
+    files = guide_files()
+    assert set(files) == {"pyproject.toml", "lorazoo_lorafa/plugin.py", "tests/test_lorafa.py"}
+    pyproject = files.pop("pyproject.toml")
+    assert tomllib.loads(pyproject)["project"]["entry-points"]["lorazoo"] == {
+        "lorafa": "lorazoo_lorafa.plugin"
+    }
+    test_file = site.root / "lorafa-tests" / "test_lorafa.py"  # the package's tests stay off sys.path
+    test_file.parent.mkdir()
+    test_file.write_text(files.pop("tests/test_lorafa.py"))
+    site.files("lorazoo-lorafa", "lorazoo_lorafa", files, pyproject)
+    assert "lorafa" in lorazoo.variants()
+    assert registry.plugin_of("lorafa") == "lorafa (lorazoo_lorafa.plugin)"
+    # the package's own tests, as the guide writes them
+    spec = importlib.util.spec_from_file_location("guide_test_lorafa", test_file)
+    tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tests)
+    tests.test_only_b_trains()
+    tests.test_conforms()
+    # a frozen adapter tensor that is a buffer trains not, and still goes to and comes from the file
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    fresh = copy.deepcopy(model)
+    lorazoo.inject(model, "lorafa", targets=["0"], r=4)
+    A0 = model[0].adapters["default"].lora_A.clone()
+    opt = torch.optim.SGD(lorazoo.param_groups(model, lr=0.1))
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 16)).square().sum().backward()
+        opt.step()
+    adapter = model[0].adapters["default"]
+    assert torch.equal(adapter.lora_A, A0) and adapter.lora_B.abs().sum() > 0
+    path = site.root / "lorafa.safetensors"
+    lorazoo.save(model, path)
+    lorazoo.load(fresh, path)
+    x = torch.randn(4, 16)
+    assert torch.equal(fresh(x), model(x))
+    assert torch.equal(fresh[0].adapters["default"].lora_A, A0)
+
+
+def test_frozen_parameter_instead_of_buffer_is_explained():
+    """The mistake the guide warns about: the conformance count names the fix."""
+    lora = lorazoo.variant("lora")
+
+    class FrozenParam(lora):
+        name = "lorafa-frozen-parameter"
+
+        def __init__(self, layer, config, shared=None):
+            super().__init__(layer, config, shared)
+            self.lora_A.requires_grad_(False)
+
+        @classmethod
+        def num_trainable(cls, d_in, d_out, config):
+            return config.r * d_out
+
+    class Plugin:
+        @lorazoo.hookimpl
+        def lorazoo_variants(self):
+            return [FrozenParam]
+
+    plugin = Plugin()
+    lorazoo.register(plugin)
+    try:
+        with pytest.raises(AssertionError) as e:
+            lorazoo.testing.run_conformance(FrozenParam.name, max_examples=3, checks=["param_count"])
+    finally:
+        lorazoo.unregister(plugin)
+    msg = str(e.value)
+    assert "total must count base and trainable adapter tensors once" in msg
+    assert "self.register_buffer(name, tensor)" in msg and "not as nn.Parameter" in msg
