@@ -258,6 +258,26 @@ def test_misspelled_hook_in_register_is_an_error_and_changes_nothing():
     assert lorazoo.variants() == before
 
 
+def test_optional_hook_for_another_version_is_accepted():
+    lora = lorazoo.variant("lora")
+
+    class Forward:
+        @lorazoo.hookimpl(optionalhook=True)
+        def lorazoo_hook_of_a_later_version(self):
+            return []
+
+        @lorazoo.hookimpl
+        def lorazoo_variants(self):
+            return [lora]  # the same class under its own name: not a conflict
+
+    plugin = Forward()
+    lorazoo.register(plugin, name="forward-plugin")
+    try:
+        assert lorazoo.variant("lora") is lora
+    finally:
+        lorazoo.unregister(plugin)
+
+
 def test_register_with_wrong_hook_arguments_is_an_error():
     class Args:
         @lorazoo.hookimpl
