@@ -52,6 +52,12 @@ from .quant import NF4Linear, QuantReport, dequantize, quantize  # noqa: E402
 from .registry import register, unregister, variant, variants  # noqa: E402
 from .variant import LayerInfo, LowRank, LowRankAdapter, StepInfo, Variant, VariantConfig  # noqa: E402
 
+# --- plugin authors' module (lorazoo.plugin) ---
+# isort: split
+from . import plugin  # noqa: E402
+
+# --- end plugin authors' module ---
+
 __all__ = [
     "AdaptedEmbedding",
     "AdaptedLinear",
@@ -91,6 +97,7 @@ __all__ = [
     "merge",
     "merge_report",
     "param_groups",
+    "plugin",  # plugin authors' module
     "quantize",
     "register",
     "save",

@@ -46,7 +46,8 @@ class UnknownAdapterVariantError(AdapterFileError, UnknownVariantError):
 
 
 class PluginLoadWarning(UserWarning):
-    """A plugin failed to import; every other variant still works."""
+    """An installed plugin failed to load (to import, or its hooks or variants are malformed)
+    and is skipped; every other variant still works."""
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:

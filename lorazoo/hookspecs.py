@@ -2,6 +2,11 @@
 
 A plugin is any module or object with functions marked ``@lorazoo.hookimpl``. Installed
 distributions expose plugins through the entry-point group ``lorazoo``.
+
+A marked function must be named after one of the hooks below and take only arguments its hook
+passes; the registry reports any other (a misspelling pluggy alone would ignore) with the plugin's
+name and the known hooks. Mark a function ``@lorazoo.hookimpl(optionalhook=True)`` when it is
+meant for a hook this lorazoo version may not define.
 """
 
 from __future__ import annotations

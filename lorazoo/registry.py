@@ -3,6 +3,15 @@
 Built-in variants are ordinary plugins: they are found through the same entry points a third-party
 package declares. Plugins are loaded lazily, on the first lookup, and can also be registered
 in-process with :func:`register` (notebooks, tests).
+
+A broken installed plugin never takes the others down. One that fails to import, implements a
+hook lorazoo does not define (a misspelled ``lorazoo_variants``: pluggy alone would ignore it),
+implements none, takes arguments its hook does not pass, or lists something that is not a
+variant is skipped with a :class:`~lorazoo.PluginLoadWarning` naming it and the reason; asking
+for its variant then raises :class:`~lorazoo.UnknownVariantError` with that reason. The same
+faults in a plugin handed to :func:`register` raise :class:`~lorazoo.PluginError`, with nothing
+registered. Several entry points naming one module load it once. Two plugins giving the same
+variant name remain an error on every lookup: which one was meant cannot be guessed.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ ENTRY_POINT_GROUP = "lorazoo"
 
 _lock = threading.RLock()
 _manager: pluggy.PluginManager | None = None
+_skipped: dict[str, str] = {}  # entry-point plugin label -> why it was skipped
+_in_process: set[str] = set()  # labels of plugins added by register()
 _table: dict[str, tuple[type[Variant], str]] | None = None  # name -> (class, plugin label)
 
 
@@ -37,33 +48,118 @@ def _entry_points() -> list[metadata.EntryPoint]:
     return sorted(seen.values(), key=lambda ep: (ep.name, ep.value))
 
 
-def _new_manager() -> pluggy.PluginManager:
+def _new_manager() -> tuple[pluggy.PluginManager, dict[str, str]]:
+    """A manager with every entry-point plugin that loads cleanly, and ``{label: why}`` for the
+    ones skipped (each also warned about): a broken plugin must not take the others down."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(VariantSpec)
+    skipped: dict[str, str] = {}
     for ep in _entry_points():
         label = f"{ep.name} ({ep.value})"
         if pm.get_plugin(label) is not None:
             continue
         try:
             plugin = ep.load()
-        except Exception as exc:  # a broken plugin must not take the others down
-            warnings.warn(
-                f"lorazoo plugin {label!r} failed to import and is skipped: {type(exc).__name__}: {exc}",
-                PluginLoadWarning,
-                stacklevel=3,
-            )
+        except Exception as exc:
+            _skip(skipped, label, f"failed to import: {type(exc).__name__}: {exc}")
             continue
+        if pm.get_name(plugin) is not None:
+            # Another entry point (of this or another distribution) names the same module or
+            # object: it is loaded once, under the first label.
+            continue
+        try:
+            _register_checked(pm, plugin, label)
+        except PluginError as exc:
+            _skip(skipped, label, str(exc))
+    return pm, skipped
+
+
+def _skip(skipped: dict[str, str], label: str, why: str) -> None:
+    why = why.removeprefix(f"plugin {label!r}").lstrip(": ")
+    skipped[label] = why
+    warnings.warn(
+        f"lorazoo plugin {label!r} is skipped (every other variant still works): {why}",
+        PluginLoadWarning,
+        stacklevel=4,
+    )
+
+
+def known_hooks(pm: pluggy.PluginManager | None = None) -> list[str]:
+    """Names of the hooks lorazoo defines (the functions a plugin may mark ``@lorazoo.hookimpl``)."""
+    pm = pm or manager()
+    return sorted(name for name, caller in vars(pm.hook).items() if caller.has_spec())
+
+
+def _signatures(pm: pluggy.PluginManager) -> str:
+    """``lorazoo_variants(), ...``: each known hook with the arguments it passes."""
+    hooks = []
+    for name in known_hooks(pm):
+        spec = getattr(pm.hook, name).spec
+        hooks.append(f"{name}({', '.join(spec.argnames) if spec is not None else ''})")
+    return ", ".join(hooks)
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: object, label: str) -> None:
+    """Register ``plugin`` under ``label``, or raise :class:`PluginError` (leaving ``pm`` as it
+    was) when it is already registered, implements a hook lorazoo does not define (a misspelled
+    name: pluggy would otherwise ignore it), or implements none at all."""
+    hooks = _signatures(pm)
+    if pm.get_name(plugin) is not None:
+        raise PluginError(
+            f"plugin {label!r} is already registered as {pm.get_name(plugin)!r}; "
+            "call lorazoo.unregister on it first to register it again"
+        )
+    if pm.get_plugin(label) is not None:
+        raise PluginError(f"a plugin named {label!r} is already registered; pass another name")
+    try:
         pm.register(plugin, name=label)
-    return pm
+    except pluggy.PluginValidationError as exc:
+        detail = " ".join(str(exc).split())  # pluggy's message spans lines
+        raise PluginError(
+            f"plugin {label!r} has a hook implementation lorazoo cannot call ({detail}); a hook "
+            f"implementation may take only the arguments its hook passes. Known hooks: {hooks}"
+        ) from None
+    unknown = sorted(
+        {
+            caller.name
+            for caller in pm.get_hookcallers(plugin) or ()
+            if not caller.has_spec()
+            for impl in caller.get_hookimpls()
+            if impl.plugin is plugin and not impl.optionalhook
+        }
+    )
+    if unknown or not pm.get_hookcallers(plugin):
+        pm.unregister(plugin)
+        if unknown:
+            hints = []
+            for name in unknown:
+                near = closest(name, known_hooks(pm))
+                hints.append(f"{name!r}" + (f" (did you mean {near!r}?)" if near else ""))
+            why = (
+                f"implements {', '.join(hints)}, which lorazoo does not define. Known hooks: {hooks}. "
+                "Rename the function, or mark it @lorazoo.hookimpl(optionalhook=True) if it is meant "
+                "for another lorazoo version"
+            )
+        else:
+            why = f"has no function marked @lorazoo.hookimpl, so it provides nothing. Known hooks: {hooks}"
+        raise PluginError(f"plugin {label!r} {why}")
 
 
 def manager() -> pluggy.PluginManager:
     """The process-wide plugin manager (entry points are loaded on first use)."""
-    global _manager
+    global _manager, _skipped
     with _lock:
         if _manager is None:
-            _manager = _new_manager()
+            _manager, _skipped = _new_manager()
         return _manager
+
+
+def skipped() -> dict[str, str]:
+    """``{plugin label: why}`` for the installed plugins that were skipped (they failed to
+    import, or are malformed); each was reported once with a :class:`PluginLoadWarning`."""
+    with _lock:
+        manager()
+        return dict(_skipped)
 
 
 def _check_class(cls: Any, label: str) -> type[Variant]:
@@ -76,23 +172,39 @@ def _check_class(cls: Any, label: str) -> type[Variant]:
     return cls
 
 
+def _listed(impl: Any, label: str) -> list[type[Variant]]:
+    """The variant classes one plugin's ``lorazoo_variants`` returns, checked."""
+    try:
+        provided = impl.function()
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {label!r} failed while listing its variants: {type(exc).__name__}: {exc}"
+        ) from exc
+    if provided is None:
+        return []
+    if isinstance(provided, (str, bytes)) or not hasattr(provided, "__iter__"):
+        raise PluginError(
+            f"plugin {label!r}: lorazoo_variants returned {provided!r}; return a list of lorazoo.Variant "
+            "subclasses"
+        )
+    return [_check_class(cls, label) for cls in provided]
+
+
 def _build_table() -> dict[str, tuple[type[Variant], str]]:
     pm = manager()
     table: dict[str, tuple[type[Variant], str]] = {}
     for impl in pm.hook.lorazoo_variants.get_hookimpls():
         label = pm.get_name(impl.plugin) or repr(impl.plugin)
         try:
-            provided = impl.function()
-        except Exception as exc:
-            warnings.warn(
-                f"lorazoo plugin {label!r} failed while listing its variants and is skipped: "
-                f"{type(exc).__name__}: {exc}",
-                PluginLoadWarning,
-                stacklevel=3,
-            )
+            provided = _listed(impl, label)
+        except PluginError as exc:
+            if label in _in_process:  # its author is the caller of register(): tell them now
+                raise
+            # An installed plugin: skip it for good, keep every other variant working.
+            pm.unregister(impl.plugin)
+            _skip(_skipped, label, str(exc))
             continue
-        for cls in provided or ():
-            cls = _check_class(cls, label)
+        for cls in provided:
             if cls.name in table and table[cls.name][0] is not cls:
                 other = table[cls.name][1]
                 raise PluginError(
@@ -125,6 +237,13 @@ def variant(name: str) -> type[Variant]:
         near = closest(str(name), table)
         hint = f" Did you mean {near!r}?" if near else ""
         known = ", ".join(sorted(table)) or "(none: is lorazoo installed with its entry points?)"
+        broken = skipped()
+        # The entry-point name is, by convention, the variant's: say so when that one is broken.
+        mine = [label for label in broken if label.split(" ", 1)[0] == name]
+        if mine:
+            hint = f" The plugin {mine[0]!r} that would provide it was skipped: {broken[mine[0]]}."
+        elif broken:
+            hint += f" Skipped plugins: {'; '.join(f'{k!r}: {v}' for k, v in broken.items())}."
         raise UnknownVariantError(f"unknown variant {name!r}.{hint} Known variants: {known}")
     return table[name][0]
 
@@ -136,16 +255,27 @@ def plugin_of(name: str) -> str:
 
 
 def register(plugin: object, name: str | None = None) -> None:
-    """Register an in-process plugin (an object or module with ``@hookimpl`` functions)."""
+    """Register an in-process plugin: an object or module with functions marked
+    ``@lorazoo.hookimpl``, as an entry point would name it (notebooks, tests, applications that
+    define a variant of their own). Its variants are usable at once.
+
+    All or nothing: raises :class:`PluginError`, with nothing registered, when the plugin (or
+    ``name``) is already registered, implements a hook lorazoo does not define (a misspelled
+    ``lorazoo_variants``), implements none, or lists something that is not a valid variant or a
+    name another plugin already has.
+    """
     global _table
     with _lock:
         pm = manager()
-        pm.register(plugin, name=name)
+        label = name if name is not None else pm.get_canonical_name(plugin)
+        _register_checked(pm, plugin, label)
+        _in_process.add(label)
         _table = None
         try:
             _lookup()
-        except Exception:
+        except BaseException:
             pm.unregister(plugin)
+            _in_process.discard(label)
             _table = None
             raise
 
@@ -154,7 +284,12 @@ def unregister(plugin: object) -> None:
     """Remove a plugin registered with :func:`register`."""
     global _table
     with _lock:
-        manager().unregister(plugin)
+        pm = manager()
+        label = pm.get_name(plugin)
+        if label is None:
+            raise PluginError(f"{plugin!r} is not a registered lorazoo plugin; nothing was unregistered")
+        pm.unregister(plugin)
+        _in_process.discard(label)
         _table = None
 
 
@@ -164,3 +299,4 @@ def reload() -> None:
     with _lock:
         _manager = None
         _table = None
+        _in_process.clear()

@@ -45,8 +45,9 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lorazoo
+from lorazoo import AdapterFileError, ConfigError, LorazooError
 from lorazoo.claims import Claim, Compare, Ref
-from lorazoo.errors import AdapterFileError, ConfigError, LorazooError
+from lorazoo.plugin import iter_adapters
 
 # A model whose adapter tensors were updated this many times by an optimizer with no per-step
 # hook in between raises AdaLoraHooksError (once).
@@ -646,11 +647,7 @@ def orthogonality(adapter: AdaLoRA, form: str = "paper") -> Tensor | None:
 
 
 def _adapters(model: nn.Module, name: str) -> list[tuple[str, AdaLoRA]]:
-    found = [
-        (path, a)
-        for path, n, a in lorazoo.engine.iter_adapters(model)
-        if n == name and isinstance(a, AdaLoRA)
-    ]
+    found = [(path, a) for path, n, a in iter_adapters(model) if n == name and isinstance(a, AdaLoRA)]
     if not found:
         raise LorazooError(f"the model has no AdaLoRA adapter named {name!r}")
     return found

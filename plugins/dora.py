@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,8 @@ from torch import Tensor, nn
 
 import lorazoo
 from lorazoo.claims import Claim, Compare, Ref
-from lorazoo.engine.exact import acc_dtype, version  # norms accumulate where merges do
-
-if TYPE_CHECKING:
-    from lorazoo.engine.layer import AdaptedLinear
+from lorazoo.plugin import AdaptedLinear, tensor_version
+from lorazoo.plugin import accumulation_dtype as acc_dtype  # norms accumulate where merges do
 
 # Rows whose squared norm is below this share of ‖W_i‖² + ‖s·(BA)_i‖² lose more than two bits
 # to cancellation in the identity; they are recomputed from W_i + s·(BA)_i.
@@ -490,7 +488,7 @@ class DoRA(lorazoo.LowRankAdapter):
             return None
         return (
             weight.data_ptr(),
-            version(weight),  # None for an inference tensor: never cached
+            tensor_version(weight),  # None for an inference tensor: never cached
             weight.dtype,
             weight.device,
             tuple(weight.shape),
@@ -528,7 +526,7 @@ class DoRA(lorazoo.LowRankAdapter):
         base = self._base_key(weight)
         key = None
         if base is not None:
-            key = (*base, A.data_ptr(), version(A), B.data_ptr(), version(B), self.scale)
+            key = (*base, A.data_ptr(), tensor_version(A), B.data_ptr(), tensor_version(B), self.scale)
         n = self._cached("norm", key, weight)
         if n is None:
             wsq = self._wsq(weight, base) if norm_method(*weight.shape) == "identity" else None

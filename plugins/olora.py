@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 import lorazoo
+from lorazoo import ConfigError, LorazooError
 from lorazoo.claims import Claim, Compare, Ref
-from lorazoo.engine.exact import acc_dtype
-from lorazoo.engine.inject import adapters_named, hosts
-from lorazoo.errors import ConfigError, LorazooError
+from lorazoo.plugin import accumulation_dtype as acc_dtype
+from lorazoo.plugin import adapted_layers, adapters_named
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
     lorazoo.eject(model, name)
     wanted = set(factors)
     lorazoo.inject(model, variant, targets=lambda n, m: n in wanted, name=name, config=new_cfg, dtype=dtype)
-    for path, host in hosts(model):
+    for path, host in adapted_layers(model):
         if path in factors and name in host.adapters:
             A, B, active = factors[path]
             new = host.adapters[name]

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorazoo
+from lorazoo import ConfigError
 from lorazoo.claims import Claim, Compare, Ref
-from lorazoo.errors import ConfigError
 
 # The generation rule, written into every file so a reader knows how to rebuild the pair.
 RECIPE = (

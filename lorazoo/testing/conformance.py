@@ -452,7 +452,19 @@ def check_param_count(variant: str, case: Case) -> None:
     expected = sum(cls.num_trainable(i, o, cfg) for i, o, _ in case.shapes)
     count = lorazoo.trainable(model)
     assert count.trainable == expected, f"trainable {count.trainable}, formula says {expected}"
-    assert count.total == total + expected, "total must count base and trainable adapter tensors once"
+    extra = count.total - total - expected
+    assert extra <= 0, (
+        f"total must count base and trainable adapter tensors once: lorazoo.trainable counts "
+        f"{count.total} parameters, {extra} more than the base's {total} plus the formula's {expected}: "
+        "adapter nn.Parameters that do not train. Hold frozen adapter tensors (a fixed projection, "
+        "a frozen factor) as buffers: self.register_buffer(name, tensor), with persistent=False when "
+        "they are regenerated rather than saved, not as nn.Parameter(..., requires_grad=False)"
+    )
+    assert extra == 0, (
+        f"total must count base and trainable adapter tensors once: lorazoo.trainable counts "
+        f"{count.total} parameters, {-extra} fewer than the base's {total} plus the formula's {expected}: "
+        "the base layer's own weight and bias must stay registered on the host"
+    )
 
 
 def check_dropout(variant: str, case: Case) -> None:
