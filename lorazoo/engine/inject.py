@@ -240,9 +240,12 @@ def _transaction(model: nn.Module, body: Callable[[list[Callable[[], None]]], No
         raise
 
 
-def commit(model: nn.Module, p: Plan) -> nn.Module:
+def commit(
+    model: nn.Module, p: Plan, extra: Callable[[list[Callable[[], None]]], None] | None = None
+) -> nn.Module:
     """Apply a plan atomically: on any exception (an interrupt included) the model is left
-    exactly as it was."""
+    exactly as it was. ``extra(undo)``, when given, runs last inside the same transaction (a
+    load installs the adapter's trained module copies there)."""
     first = not hosts(model)
 
     def body(undo: list[Callable[[], None]]) -> None:
@@ -276,6 +279,8 @@ def commit(model: nn.Module, p: Plan) -> nn.Module:
                 saved = {k: held[k] for k in ("weight", "bias") if k in held}
                 undo.append(lambda held=held, saved=saved: held.update(saved))
                 held.update(dict.fromkeys(saved))
+        if extra is not None:
+            extra(undo)
 
     _transaction(model, body)
     return model
@@ -332,7 +337,10 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
         if name is not None:
             host.check_unpatch(name)
 
+    from ..trained import remove as remove_copies
+
     def body(undo: list[Callable[[], None]]) -> None:
+        remove_copies(model, names, undo)  # whole-module copies the adapters own (modules_to_save)
         for path, host in affected:
             _interrupt.checkpoint()
             state = host.merged
