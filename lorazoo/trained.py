@@ -54,6 +54,7 @@ class TrainedModules(nn.Module):
         self.active: tuple[str, ...] = ()
         # per parked (inactive) adapter: the requires_grad its copy's tensors had
         self._parked: dict[str, dict[str, bool]] = {}
+        self.register_load_state_dict_post_hook(_ignore_missing_copies)
 
     @property
     def original(self) -> nn.Module:
@@ -148,6 +149,14 @@ class TrainedModules(nn.Module):
     def extra_repr(self) -> str:
         copies, active = list(self.copies), list(self.active)
         return f"original={type(self.original).__name__}, copies={copies}, active={active}"
+
+
+def _ignore_missing_copies(module: TrainedModules, incompatible: Any) -> None:
+    """Loading a base checkpoint into a model with trained copies: the copies are not in it, and
+    that is expected. Other missing keys are still reported."""
+    marker = f"{COPIES}."
+    keep = [k for k in incompatible.missing_keys if marker not in k]
+    incompatible.missing_keys[:] = keep
 
 
 def wrappers(model: nn.Module) -> list[tuple[str, TrainedModules]]:

@@ -458,3 +458,18 @@ def test_lorazoo_classifier_loads_into_peft_with_lorazoo_logits(tmp_path):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
     torch.testing.assert_close(_logits(pm), want, rtol=1e-5, atol=1e-6)
     assert (_logits(base) - want).abs().max() > 1e-3
+
+
+def test_a_base_checkpoint_loads_into_a_model_with_copies():
+    model = adapted()
+    y = out(model)
+    result = model.load_state_dict(base_model().state_dict())  # strict
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(out(model), y)  # the base was already these tensors; copies untouched
+
+
+def test_route_refuses_a_model_with_copies():
+    model = adapted()
+    with pytest.raises(RoutingError, match="modules saved whole"):
+        with lorazoo.route(model, ["default"] * 5):
+            model(X)
