@@ -315,7 +315,8 @@ def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
 def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (default: every adapter). Merged adapters are unmerged and base
     rewrites reverted first, so the original weights come back bit for bit; layers left without
-    adapters get their original module object back. All or nothing: on any exception (an
+    adapters get their original module object back, and so do modules left without trained
+    copies (:func:`lorazoo.modules_to_save`). All or nothing: on any exception (an
     interrupt included) the model is left as it was. Returns ``model``."""
     present = adapter_names(model)
     if not present:
