@@ -469,6 +469,16 @@ def peft_files(
     express (OLoRA needs its base: see :func:`save_peft`)."""
     cfg, out = _peft_files(variant, config, modules, tensors)
     if saved:
+        for path in saved:
+            parts = path.split(".")
+            for i in range(1, len(parts)):
+                shorter = ".".join(parts[:i])
+                clash = [n for n in saved if shorter == n or shorter.endswith("." + n)]
+                if clash:
+                    raise LorazooError(
+                        f"the modules saved whole {sorted(saved)} have no PEFT form: PEFT selects "
+                        f"{shorter!r} by the entry {clash[0]!r}, which would take {path!r}'s tensors"
+                    )
         cfg["modules_to_save"] = sorted(saved)
         for path, keys in saved.items():
             for key in keys:

@@ -9,10 +9,12 @@ import copy
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from torch import nn
 
 import lorazoo
-from lorazoo import AdapterFileError, LorazooError, RoutingError, TargetError
+from lorazoo import AdapterFileError, LorazooError, RoutingError, TargetError, peft_format
 from lorazoo.engine import _interrupt, exact
 from lorazoo.engine.inject import hosts
 from lorazoo.trained import TrainedModules, wrappers
@@ -473,3 +475,51 @@ def test_route_refuses_a_model_with_copies():
     with pytest.raises(RoutingError, match="modules saved whole"):
         with lorazoo.route(model, ["default"] * 5):
             model(X)
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT key mapping, as a property
+# --------------------------------------------------------------------------------------------
+
+_part = st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True).filter(
+    lambda s: not s.startswith(("lora_", "vera_"))
+)
+
+
+@given(
+    saved=st.dictionaries(
+        st.lists(_part, min_size=1, max_size=3).map(".".join),
+        st.lists(st.lists(_part, min_size=1, max_size=2).map(".".join), min_size=1, max_size=3, unique=True),
+        min_size=1,
+        max_size=3,
+    )
+)
+@example(saved={"classifier": ["weight", "bias"], "bert.pooler.dense": ["weight"]})
+@example(saved={"a": ["w"], "a.b": ["w"]})  # nested
+@example(saved={"t": ["w"], "s.t.w": ["x"]})  # "s.t" ends in ".t"
+def test_saved_modules_written_for_peft_read_back_the_same(saved):
+    """Whole saved modules written into PEFT's keys come back as the same modules and tensor
+    names; a set that PEFT's name matching would take apart (a shorter path selected by one of
+    the entries) is refused instead."""
+    paths = sorted(saved)
+
+    def selected(q: str) -> bool:
+        return any(q == n or q.endswith("." + n) for n in paths)
+
+    ambiguous = any(selected(".".join(p.split(".")[:i])) for p in paths for i in range(1, p.count(".") + 1))
+    tensors = {"m.lora_A": torch.zeros(2, 3), "m.lora_B": torch.zeros(3, 2)}
+    for p, keys in saved.items():
+        for k in keys:
+            tensors[f"__modules__.{p}.{k}"] = torch.full((2,), float(len(k)))
+    modules = {"m": {"kind": "linear"}}
+    if ambiguous:
+        with pytest.raises(LorazooError, match="no PEFT form"):
+            peft_format.peft_files("lora", {"r": 2, "alpha": 4.0}, modules, tensors, saved)
+        return
+    cfg, out = peft_format.peft_files("lora", {"r": 2, "alpha": 4.0}, modules, tensors, saved)
+    assert cfg["modules_to_save"] == paths
+    got, got_tensors = peft_format._saved_modules("where", cfg["modules_to_save"], dict(out))
+    assert got == {p: sorted(k) for p, k in saved.items()}
+    assert got_tensors.keys() == {k for k in tensors if k.startswith("__modules__.")}
+    for key, t in got_tensors.items():
+        assert torch.equal(t, tensors[key])
