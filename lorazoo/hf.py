@@ -191,8 +191,13 @@ def merge_folder(
         raise LorazooError(f"{str(src)!r} is not a Hugging Face model folder (no config.json)")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise LorazooError(f"{str(target)!r} exists and is not an empty folder; choose a new folder")
-    cls = _model_class(transformers, src)
-    model = cls.from_pretrained(src, dtype="auto")
+    try:
+        cls = _model_class(transformers, src)
+        model = cls.from_pretrained(src, dtype="auto")
+    except Exception as exc:  # transformers and safetensors raise many kinds
+        raise LorazooError(
+            f"transformers could not load the model in {str(src)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     load(model, adapter, name=name)
     merge_and_unload(model)
     target.parent.mkdir(parents=True, exist_ok=True)

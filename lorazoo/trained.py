@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import _interrupt
+from .engine.distributed import refuse_sharded
 from .engine.inject import _set_child, _transaction, adapters_named, hosts
 from .engine.layer import AdaptedLinear
 from .errors import LorazooError, RoutingError, TargetError
@@ -330,6 +331,7 @@ def modules_to_save(model: nn.Module, targets: str | Iterable[str], name: str = 
     :func:`lorazoo.eject`. All or nothing. Returns ``model``.
     """
     adapters_named(model, name)  # the adapter must exist
+    refuse_sharded(model, "add trained module copies to", "call modules_to_save before fully_shard")
     found = resolve(model, targets)
     new: dict[str, nn.Module] = {}
     for path, module in found:

@@ -309,3 +309,16 @@ def test_cli_merge_without_transformers_says_so(llama_folders, tmp_path, monkeyp
     assert main(args) == 1
     assert "needs the transformers package" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_merge_of_a_broken_model_folder_says_why(llama_folders, tmp_path, capsys):
+    root, _ = llama_folders
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((root / "base" / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(broken), "--adapter", str(root / "peft"), "--out", str(out)]
+    assert main(args) == 1
+    assert "could not load the model" in capsys.readouterr().err
+    assert not out.exists()
