@@ -37,6 +37,37 @@ def _lorazoo_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(out)
 
 
+_IGNORE = "_keys_to_ignore_on_save"  # transformers: state-dict keys save_pretrained leaves out
+_OURS = "_lorazoo_save_keys"  # model attribute: the keys lorazoo added to that set
+
+
+def lorazoo_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of every tensor lorazoo added to ``model`` (adapters, trained copies)."""
+    keys = {
+        f"{p}.adapters.{k}" if p else f"adapters.{k}"
+        for p, h in hosts(model)
+        for k in h.adapters.state_dict()
+    }
+    for p, w in trained.wrappers(model):
+        keys |= {f"{p}.{trained.COPIES}.{k}" for k in w.copies.state_dict()}
+    return keys
+
+
+def sync_save_keys(model: nn.Module) -> None:
+    """Keep a transformers model's ``_keys_to_ignore_on_save`` listing exactly the tensors lorazoo
+    added, beside the model's own entries, so that ``save_pretrained`` writes the base's keys
+    only. Called by the engine after every change of adapters or copies; a model without that
+    attribute (not a transformers model) is left alone."""
+    if not hasattr(model, _IGNORE):
+        return
+    before = model.__dict__.get(_OURS, set())
+    ours = lorazoo_keys(model)
+    if not ours and not before:
+        return
+    own = {k for k in (getattr(model, _IGNORE) or ()) if k not in before}
+    model.__dict__.update({_IGNORE: own | ours, _OURS: ours})
+
+
 def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The state dict of the base model inside an adapted ``model``: every key and tensor the
     model had before lorazoo touched it, and nothing else (no adapter tensors, no trained module

@@ -209,6 +209,22 @@ def test_base_state_dict_saves_the_base_only(case, tmp_path):
     same_bits(bits(again), bits(build(kind)))
 
 
+def test_plain_save_pretrained_writes_the_base_only(case, tmp_path):
+    kind, trained_model = case
+    model = copy.deepcopy(trained_model)
+    model.save_pretrained(tmp_path / "plain")
+    again, info = type(model).from_pretrained(tmp_path / "plain", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    same_bits(bits(again), bits(build(kind)))
+    # with every adapter ejected (or unloaded), the model's own list is as it was
+    own = set(build(kind)._keys_to_ignore_on_save)
+    lorazoo.eject(model)
+    assert set(model._keys_to_ignore_on_save) == own
+    again = copy.deepcopy(trained_model)
+    lorazoo.merge_and_unload(again)
+    assert set(again._keys_to_ignore_on_save) == own
+
+
 def test_base_state_dict_refuses_a_merged_model(case):
     kind, trained_model = case
     model = copy.deepcopy(trained_model)

@@ -238,6 +238,10 @@ def _transaction(model: nn.Module, body: Callable[[list[Callable[[], None]]], No
             action()
         _restore_flags(model, frozen, flags)
         raise
+    if hasattr(model, "_keys_to_ignore_on_save"):  # a transformers model: save_pretrained skips ours
+        from ..hf import sync_save_keys
+
+        sync_save_keys(model)
 
 
 def commit(
