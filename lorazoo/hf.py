@@ -1,8 +1,10 @@
 """Hugging Face round trips: the base's own state dict, a plain merged model, a merged folder.
 
+* :func:`sync_save_keys` (run by the engine after every change of adapters or copies) keeps a
+  transformers model's ``_keys_to_ignore_on_save`` listing lorazoo's tensors, so a plain
+  ``save_pretrained`` of an adapted, unmerged model writes the base only.
 * :func:`base_state_dict` is an adapted model's state dict without lorazoo's tensors: the keys
-  and tensors of the base model as it was loaded. Pass it to ``save_pretrained(...,
-  state_dict=...)`` to save the base of a model that carries adapters.
+  and tensors of the base model as it was loaded, for any model.
 * :func:`merge_and_unload` folds the active adapters into the weights and puts the original
   module objects back: a plain model with no lorazoo state, ready for ``save_pretrained`` or
   serving.
@@ -73,9 +75,9 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     model had before lorazoo touched it, and nothing else (no adapter tensors, no trained module
     copies). The tensors are the model's own (as ``state_dict()`` gives them), not copies.
 
-    For a Hugging Face model: ``model.save_pretrained(folder, state_dict=lorazoo.base_state_dict(model))``
-    writes the base, loadable with ``from_pretrained`` without unexpected keys. (A plain
-    ``save_pretrained`` would also write the adapter tensors into the base's file.)
+    For a Hugging Face model, ``model.save_pretrained(folder, state_dict=lorazoo.base_state_dict(model))``
+    writes the base, loadable with ``from_pretrained`` without unexpected keys (as a plain
+    ``save_pretrained`` does, through :func:`sync_save_keys`).
 
     Refused (:class:`~lorazoo.MergeError`) while adapters are merged or a variant has rewritten a
     base weight (OLoRA): the weights are then not the base's. Unmerge first, or eject the
