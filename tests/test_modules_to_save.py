@@ -6,15 +6,18 @@ BertForSequenceClassification runs against the installed PEFT."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from torch import nn
 
 import lorazoo
 from lorazoo import AdapterFileError, LorazooError, RoutingError, TargetError, peft_format
+from lorazoo.cli import main
 from lorazoo.engine import _interrupt, exact
 from lorazoo.engine.inject import hosts
 from lorazoo.trained import TrainedModules, wrappers
@@ -523,3 +526,34 @@ def test_saved_modules_written_for_peft_read_back_the_same(saved):
     assert got_tensors.keys() == {k for k in tensors if k.startswith("__modules__.")}
     for key, t in got_tensors.items():
         assert torch.equal(t, tensors[key])
+
+
+# --------------------------------------------------------------------------------------------
+# inspect and convert carry whole saved modules (the PEFT-made fixture; no PEFT needed)
+# --------------------------------------------------------------------------------------------
+
+FIXTURE = Path(__file__).parent / "data" / "peft" / "lora_modules_to_save"
+
+
+def _fixture_model() -> nn.Module:
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4))
+    model.load_state_dict(load_file(FIXTURE / "base.safetensors"))
+    return model.eval()
+
+
+def test_inspect_shows_the_saved_module(capsys):
+    assert main(["inspect", str(FIXTURE)]) == 0
+    text = capsys.readouterr().out
+    assert "saved whole: 4  bias 4, weight 4×12" in text
+
+
+def test_convert_both_ways_keeps_the_saved_module(tmp_path):
+    expected = load_file(FIXTURE / "expected.safetensors")
+    assert main(["convert", str(FIXTURE), str(tmp_path / "a.safetensors"), "--to", "lorazoo"]) == 0
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back"), "--to", "peft"]) == 0
+    for path in (tmp_path / "a.safetensors", tmp_path / "back"):
+        model = _fixture_model()
+        lorazoo.load(model, path)
+        assert lorazoo.trained_modules(model) == {"4": ["default"]}
+        with torch.no_grad():
+            torch.testing.assert_close(model(expected["input"]), expected["output"], rtol=1e-5, atol=1e-6)
