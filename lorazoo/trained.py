@@ -343,14 +343,15 @@ def modules_to_save(model: nn.Module, targets: str | Iterable[str], name: str = 
     return model
 
 
-def follow_active(model: nn.Module, names: Sequence[str], park: bool = True) -> list[Callable[[], None]]:
-    """Make every wrapper follow the active set ``names``; returns the actions that undo it."""
-    undo: list[Callable[[], None]] = []
+def follow_active(
+    model: nn.Module, names: Sequence[str], undo: list[Callable[[], None]], park: bool = True
+) -> None:
+    """Make every wrapper follow the active set ``names``, appending to ``undo`` (before each
+    change) the action that takes it back."""
     for _, w in wrappers(model):
         state = (w.active, dict(w._parked), [(p, p.requires_grad) for p in w.copies.parameters()])
         undo.append(lambda w=w, s=state: _unfollow(w, *s))
         w.set_active(names, park=park)
-    return undo
 
 
 def _unfollow(w: TrainedModules, active: tuple[str, ...], parked: dict, flags: list) -> None:

@@ -371,23 +371,30 @@ def test_interrupted_merge_and_unload_changes_nothing(monkeypatch):
     every_checkpoint(monkeypatch, adapted, lorazoo.merge_and_unload, done)
 
 
-def test_interrupted_set_active_changes_nothing(monkeypatch):
-    model = adapted()
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_interrupted_set_active_changes_nothing(monkeypatch, fail_at):
+    model = base_model()
+    lorazoo.inject(model, "lora", targets=["0"], r=2)
     lorazoo.inject(model, "lora", targets=["0"], r=2, name="b")
-    lorazoo.modules_to_save(model, ["4"], name="b")
+    lorazoo.modules_to_save(model, ["2", "4"], name="b")
+    lorazoo.modules_to_save(model, ["2"])
     lorazoo.set_active(model, "b")
+    nudge(model)
     before = snapshot(model)
+    real = TrainedModules.set_active
     calls = []
 
     def fail(self, *a, **k):
         calls.append(1)
-        raise Interrupt("in the wrapper")
+        if len(calls) == fail_at:  # the wrappers before this one have already followed
+            raise Interrupt("in a wrapper")
+        real(self, *a, **k)
 
     monkeypatch.setattr(TrainedModules, "set_active", fail)
     with pytest.raises(Interrupt):
         lorazoo.set_active(model, "default")
-    assert calls
-    assert_same(before, model, "set_active interrupted in the wrapper")
+    assert len(calls) == fail_at
+    assert_same(before, model, f"set_active interrupted in wrapper {fail_at}")
 
 
 # --------------------------------------------------------------------------------------------

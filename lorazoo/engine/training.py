@@ -168,7 +168,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     try:
         for host, _, _ in saved:
             host.set_active(wanted)
-        undo = follow_active(model, wanted)  # whole-module copies (modules_to_save) follow too
+        follow_active(model, wanted, undo)  # whole-module copies (modules_to_save) follow too
     except BaseException:
         for action in reversed(undo):
             action()
