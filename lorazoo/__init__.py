@@ -109,3 +109,10 @@ __all__ = [
     "variant",
     "variants",
 ]
+
+# ---- whole trained modules (modules_to_save) and Hugging Face round trips ---------------------
+from .hf import base_state_dict, merge_and_unload  # noqa: E402
+from .trained import TrainedModules, modules_to_save, trained_modules  # noqa: E402
+
+__all__ += ["TrainedModules", "base_state_dict", "merge_and_unload", "modules_to_save", "trained_modules"]
+# ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The ``lorazoo`` command: ``lorazoo bench`` (the comparative benchmark), ``lorazoo variants``,
-``lorazoo inspect`` (what an adapter file or PEFT folder holds) and ``lorazoo convert`` (between
-lorazoo files and PEFT folders).
+``lorazoo inspect`` (what an adapter file or PEFT folder holds), ``lorazoo convert`` (between
+lorazoo files and PEFT folders) and ``lorazoo merge`` (a Hugging Face model folder with an adapter
+merged in).
 
 ``main(argv)`` returns the exit status instead of exiting, so tests and notebooks can call it:
 0 on success, 2 for a bad option (with a message saying what would be right, and nothing written),
@@ -201,6 +202,37 @@ def _add_file_commands(parser: argparse.ArgumentParser, sub) -> None:
     c.add_argument("src", metavar="IN", help="a lorazoo .safetensors file or a PEFT adapter folder")
     c.add_argument("dst", metavar="OUT", help="where to write; must not exist")
     c.add_argument("--to", required=True, choices=("peft", "lorazoo"), help="the format to write")
+    _add_merge_command(sub)
+
+
+def _add_merge_command(sub) -> None:
+    m = sub.add_parser(
+        "merge",
+        help="write a Hugging Face model folder with an adapter merged into its weights",
+        description="Load the Hugging Face model in --model (needs transformers), apply the adapter "
+        "(a lorazoo file or a PEFT folder), merge it into the weights, put the original module "
+        "classes back (lorazoo.merge_and_unload) and write the plain model with save_pretrained to "
+        "--out, with the other files of --model (tokenizer, ...). --out must not exist or be empty; "
+        "it is written under a temporary name beside it and renamed when complete.",
+    )
+    m.add_argument("--model", required=True, metavar="HF_FOLDER", help="a Hugging Face model folder")
+    m.add_argument(
+        "--adapter", required=True, metavar="FILE|FOLDER", help="a lorazoo adapter file or a PEFT folder"
+    )
+    m.add_argument("--out", required=True, metavar="FOLDER", help="the merged model folder to write")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .hf import merge_folder
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(
+            f"--out {args.out!r} exists and is not an empty folder; choose a new folder (nothing was written)"
+        )
+    written = merge_folder(args.model, args.adapter, out)
+    print(f"wrote {written}")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -314,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "variants":
             return _variants()
+        if args.command == "merge":
+            return _merge(args)
         if args.command in ("inspect", "convert"):
             return _inspect(args) if args.command == "inspect" else _convert(args)
         return _bench(args)

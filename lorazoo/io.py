@@ -4,7 +4,9 @@ The safetensors header metadata carries ``lorazoo.format`` (``"lorazoo-adapter"`
 ``lorazoo.format_version`` and ``lorazoo.adapter``, a JSON document with the variant name, its
 config, the adapter dtype and, per adapted module, its path and shape. Tensor keys are
 ``<module path>.<tensor name>``; state shared by all layers of the adapter (VeRA's projections,
-when stored) is kept once under ``__shared__.<tensor name>``.
+when stored) is kept once under ``__shared__.<tensor name>``. Whole modules trained with the
+adapter (:func:`lorazoo.modules_to_save`) are listed in the document's ``modules_to_save``
+(``{module path: [state-dict keys]}``) and stored under ``__modules__.<module path>.<key>``.
 
 Writes go to a temporary file in the same folder that is renamed over the target only when
 complete, so an interrupted save never leaves a half-written adapter.
@@ -34,7 +36,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from . import __version__, peft_format, registry
+from . import __version__, peft_format, registry, trained
 from .engine.distributed import accepts_wrapped, copy_into, full_tensor
 from .engine.inject import adapter_names, adapters_named, commit, plan
 from .engine.layer import layer_dims, layer_kind
@@ -50,6 +52,7 @@ from .variant import Variant
 FORMAT = "lorazoo-adapter"
 FORMAT_VERSION = 1
 SHARED = "__shared__"
+MODULES = "__modules__"  # key prefix of whole trained module copies (modules_to_save)
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
@@ -100,6 +103,10 @@ def save(
         }
     for key, t in _shared_tensors(entries[0][2]).items():
         tensors[f"{SHARED}.{key}"] = t.detach().to("cpu").contiguous()
+    copies = trained.copies_of(model, name)
+    for mpath, twin in copies.items():
+        for key, t in trained.state_of(twin).items():
+            tensors[f"{MODULES}.{mpath}.{key}"] = full_tensor(t).detach().to("cpu").contiguous()
     doc = {
         "name": name,
         "variant": cls.name,
@@ -109,6 +116,8 @@ def save(
         "modules": modules,
         "lorazoo_version": __version__,
     }
+    if copies:
+        doc["modules_to_save"] = {p: sorted(trained.state_of(c)) for p, c in copies.items()}
     return write_file(path, doc, tensors)
 
 
@@ -369,6 +378,14 @@ class _Reader:
                 raise self._damaged(
                     f"module {_short(path)}: 'kind' must be one of {_KINDS}, got {_short(info.get('kind'))}"
                 )
+        saved = doc.get("modules_to_save", {})
+        if not isinstance(saved, dict) or not all(
+            isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)
+            for keys in saved.values()
+        ):
+            raise self._damaged(
+                f"'modules_to_save' must map module paths to lists of tensor names, got {_short(saved)}"
+            )
 
     def tensors(self, finite: bool = False) -> dict[str, Tensor]:
         """Every tensor of the file, read from the open file. With ``finite``, NaN or infinite
@@ -472,18 +489,21 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
             raise AdapterFileError(f"{f.where}: its config does not fit variant {cls.name!r}: {exc}") from exc
         file_modules: dict[str, Any] = f.doc["modules"]
         dtype = _DTYPES[f.doc["dtype"]]
+        saved_modules: dict[str, list[str]] = f.doc.get("modules_to_save") or {}
         if name in adapter_names(model):
             adapters = _existing(f, model, name, cls, config, file_modules)
             expected = _expected(adapters)
+            expected.update(_existing_copies(f, model, name, saved_modules))
             _check_slots(f, expected)
             _check_config(f, name, next(iter(adapters.values())), config)
             _replace(expected, f.tensors(finite=True))
             return model
         _check_layers(f, model, file_modules)
         wanted = set(file_modules)
+        copies, copy_tensors = _new_copies(f, model, saved_modules)
         dry = _dry_run(f, model, cls, config, dtype, name, file_modules)
         if dry is not None:
-            _check_slots(f, dry, fresh=True)
+            _check_slots(f, {**dry, **copy_tensors}, fresh=True)
         tensors = f.tensors(finite=True)
         try:
             injection = plan(model, cls, lambda n, m: n in wanted, name=name, config=config, dtype=dtype)
@@ -497,10 +517,64 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
                 adapter.from_file(file_modules[mpath])
         except LorazooError as exc:
             raise AdapterFileError(f"{f.where} cannot be applied to this model: {exc}") from exc
-        expected = _expected(adapters)
+        expected = {**_expected(adapters), **copy_tensors}
         _check_slots(f, expected, fresh=True)
     _fill(expected, tensors)
-    return commit(model, injection)
+    if not copies:
+        return commit(model, injection)
+    return commit(model, injection, extra=lambda undo: trained.install(model, name, copies, undo))
+
+
+def _copy_keys(mpath: str, twin: nn.Module) -> dict[str, Tensor]:
+    return {f"{MODULES}.{mpath}.{k}": t for k, t in trained.state_of(twin).items()}
+
+
+def _existing_copies(
+    f: _Reader, model: nn.Module, name: str, saved: dict[str, list[str]]
+) -> dict[str, Tensor]:
+    """The model's trained copies of adapter ``name``, keyed as in the file; they must be of the
+    modules the file saves."""
+    own = trained.copies_of(model, name)
+    if set(own) != set(saved):
+        raise AdapterFileError(
+            f"{f.where} saves whole modules {sorted(saved)} with its adapter, but the model's adapter "
+            f"{name!r} carries trained copies of {sorted(own)}; eject it first "
+            f"(lorazoo.eject(model, {name!r})) to load the file as saved"
+        )
+    out: dict[str, Tensor] = {}
+    for mpath, twin in own.items():
+        out.update(_copy_keys(mpath, twin))
+    return out
+
+
+def _new_copies(
+    f: _Reader, model: nn.Module, saved: dict[str, list[str]]
+) -> tuple[dict[str, nn.Module], dict[str, Tensor]]:
+    """Fresh copies of the modules the file saves whole (not yet in the model), and their
+    tensors keyed as in the file (shapes and keys are then checked like the adapter's)."""
+    named = dict(model.named_modules())
+    copies: dict[str, nn.Module] = {}
+    tensors: dict[str, Tensor] = {}
+    for mpath, keys in saved.items():
+        module = named.get(mpath)
+        if module is None:
+            raise AdapterFileError(
+                f"{f.where} saves the module {_short(mpath)}, which this model does not have"
+            )
+        try:
+            trained.check_copyable(model, mpath, module)
+        except LorazooError as exc:
+            raise AdapterFileError(f"{f.where} cannot be applied to this model: {exc}") from exc
+        twin = trained.fresh_copy(module)
+        own = _copy_keys(mpath, twin)
+        if sorted(k[len(MODULES) + len(mpath) + 2 :] for k in own) != sorted(keys):
+            raise AdapterFileError(
+                f"{f.where} saves the module {mpath!r} with tensors {sorted(keys)[:6]}, but this model's "
+                f"{mpath!r} ({type(module).__name__}) has {sorted(trained.state_of(twin))[:6]}"
+            )
+        copies[mpath] = twin
+        tensors.update(own)
+    return copies, tensors
 
 
 def _variant_of(f: _Reader) -> type[Variant]:

@@ -14,6 +14,7 @@ PEFT                            lorazoo tensor                      notes
 ``<p>.lora_magnitude_vector``   ``<p>.lora_magnitude_vector``       DoRA's ``m``, one per row
 ``<p>.vera_lambda_b`` / ``_d``  same names                          VeRA's trained vectors
 ``base_model.vera_A`` / ``_B``  ``__shared__.vera_A`` / ``_B``      VeRA's projections
+``<m>.<key>``                   ``__modules__.<m>.<key>``           ``modules_to_save``
 ==============================  ==================================  ==========================
 
 ``peft_type: LORA`` becomes ``lora``, ``rslora`` (``use_rslora``) or ``dora`` (``use_dora``);
@@ -21,7 +22,7 @@ PEFT                            lorazoo tensor                      notes
 has none. The module paths and ranks come from the tensors; the per-module rank and alpha PEFT
 allows (``rank_pattern``, ``alpha_pattern``) must come out the same for every module, because
 one lorazoo adapter has one config. Settings lorazoo cannot honour are refused by name rather
-than dropped: ``bias``, ``modules_to_save``, ``fan_in_fan_out``, base-rewriting initialisations
+than dropped: ``bias``, ``fan_in_fan_out``, base-rewriting initialisations
 (``init_lora_weights="olora"``, ``"pissa"``, ...) and PEFT-only features. Pickled ``.bin``
 weights are refused without being opened.
 
@@ -52,6 +53,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PREFIX = "base_model.model."
 SHARED = "__shared__"
+MODULES = "__modules__"  # lorazoo's key prefix of whole trained modules (modules_to_save)
 PEFT_VERSION = "0.21.2"  # the PEFT release the files written here are checked against
 
 # Variants whose files PEFT can express, and how (see save_peft).
@@ -151,13 +153,6 @@ def _refuse_unsupported(where: str, cfg: dict[str, Any]) -> None:
         raise AdapterFileError(
             f"{where}: bias={bias!r} trains the base layers' biases, which a lorazoo adapter does not "
             "hold; only PEFT adapters with bias='none' are read"
-        )
-    mts = cfg.get("modules_to_save")
-    if mts:
-        raise AdapterFileError(
-            f"{where}: modules_to_save={mts if isinstance(mts, str) else list(mts)} stores whole "
-            "trained modules beside the adapter; lorazoo does not read those yet (the modules would "
-            "silently keep their base weights)"
         )
     if cfg.get("fan_in_fan_out"):
         raise AdapterFileError(
@@ -344,6 +339,37 @@ def _base_weights(where: str, raw: dict[str, Tensor], model: nn.Module | None) -
     return sorted(found)
 
 
+_ADAPTER_PARTS = (".lora_", ".vera_", "base_model.vera_")
+
+
+def _saved_modules(
+    where: str, names: Any, raw: dict[str, Tensor]
+) -> tuple[dict[str, list[str]], dict[str, Tensor]]:
+    """Remove the tensors of whole modules saved with the adapter (``modules_to_save``) from
+    ``raw``. PEFT stores them under the module's own path (``base_model.model.<m>.<key>``); a
+    module is the shortest path that is one of ``names`` or ends in ``.<name>``, as PEFT
+    matches them. Returns ``({module path: [keys]}, {"__modules__.<m>.<key>": tensor})``."""
+    if not names:
+        return {}, {}
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise AdapterFileError(f"{where}: modules_to_save must be a list of module names, got {names!r}")
+    saved: dict[str, list[str]] = {}
+    tensors: dict[str, Tensor] = {}
+    for key in list(raw):
+        if any(part in key for part in _ADAPTER_PARTS):
+            continue
+        parts = _strip(key).split(".")
+        for i in range(1, len(parts)):
+            path = ".".join(parts[:i])
+            if any(path == n or path.endswith("." + n) for n in names):
+                rest = ".".join(parts[i:])
+                saved.setdefault(path, []).append(rest)
+                tensors[f"{MODULES}.{path}.{rest}"] = raw.pop(key)
+                break
+    return {p: sorted(k) for p, k in saved.items()}, tensors
+
+
 def read_peft(
     path: str | os.PathLike, model: nn.Module | None = None, *, partial: bool = False
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -363,6 +389,7 @@ def read_peft(
     _refuse_unsupported(where, cfg)
     raw = read_tensors(folder)
     base_weights = _base_weights(where, raw, model)
+    saved, saved_tensors = _saved_modules(where, cfg.get("modules_to_save"), raw)
     try:
         if peft_type == "LORA":
             doc, tensors = _lora_doc(where, cfg, raw)
@@ -374,6 +401,9 @@ def read_peft(
         raise AdapterFileError(
             f"{where}: {CONFIG_NAME} has a setting of the wrong type or form ({type(exc).__name__}: {exc})"
         ) from exc
+    tensors.update(saved_tensors)
+    if saved:
+        doc["modules_to_save"] = saved
     dtypes = {t.dtype for t in tensors.values()}
     bad = [k for k, t in tensors.items() if not t.is_floating_point()]
     if bad:
@@ -426,12 +456,39 @@ def _alpha(value: float) -> float | int:
 
 
 def peft_files(
-    variant: str, config: dict[str, Any], modules: dict[str, Any], tensors: dict[str, Tensor]
+    variant: str,
+    config: dict[str, Any],
+    modules: dict[str, Any],
+    tensors: dict[str, Tensor],
+    saved: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """PEFT's ``adapter_config.json`` and tensors for a lorazoo adapter given as its variant
-    name, config dict, per-module facts (``kind``) and lorazoo-keyed tensors. Raises
-    :class:`LorazooError` for a variant PEFT cannot express (OLoRA needs its base: see
-    :func:`save_peft`)."""
+    name, config dict, per-module facts (``kind``) and lorazoo-keyed tensors; ``saved`` lists
+    the whole modules stored with it (``{module path: [keys]}``, tensors under
+    ``__modules__.<path>.<key>``). Raises :class:`LorazooError` for a variant PEFT cannot
+    express (OLoRA needs its base: see :func:`save_peft`)."""
+    cfg, out = _peft_files(variant, config, modules, tensors)
+    if saved:
+        for path in saved:
+            parts = path.split(".")
+            for i in range(1, len(parts)):
+                shorter = ".".join(parts[:i])
+                clash = [n for n in saved if shorter == n or shorter.endswith("." + n)]
+                if clash:
+                    raise LorazooError(
+                        f"the modules saved whole {sorted(saved)} have no PEFT form: PEFT selects "
+                        f"{shorter!r} by the entry {clash[0]!r}, which would take {path!r}'s tensors"
+                    )
+        cfg["modules_to_save"] = sorted(saved)
+        for path, keys in saved.items():
+            for key in keys:
+                out[f"{PREFIX}{path}.{key}"] = tensors[f"{MODULES}.{path}.{key}"].contiguous()
+    return cfg, out
+
+
+def _peft_files(
+    variant: str, config: dict[str, Any], modules: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     paths = sorted(modules)
     out: dict[str, Tensor] = {}
     if variant in ("lora", "rslora", "loraplus", "dora"):
@@ -499,7 +556,9 @@ def peft_files(
 
 
 @torch.no_grad()
-def _olora_as_lora(entries: list, name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _olora_as_lora(
+    entries: list, name: str, saved: dict[str, list[str]], saved_tensors: dict[str, Tensor]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """OLoRA adapter ``name`` as the plain LoRA of rank ``2r`` relative to the original base:
     ``A' = [A; A₀]``, ``B' = [B, −B₀]``, ``α' = 2α`` (``√2·α`` with rsLoRA), same scale."""
     cfg = entries[0][2].config
@@ -521,7 +580,9 @@ def _olora_as_lora(entries: list, name: str) -> tuple[dict[str, Any], dict[str, 
         modules[path] = {"kind": "linear"}
     variant = "rslora" if cfg.rslora else "lora"
     alpha = cfg.alpha * (math.sqrt(2.0) if cfg.rslora else 2.0)
-    return peft_files(variant, {"r": 2 * cfg.r, "alpha": alpha, "dropout": cfg.dropout}, modules, tensors)
+    tensors.update(saved_tensors)
+    config = {"r": 2 * cfg.r, "alpha": alpha, "dropout": cfg.dropout}
+    return peft_files(variant, config, modules, tensors, saved)
 
 
 def save_peft(
@@ -536,6 +597,7 @@ def save_peft(
     from .engine.distributed import full_tensor
     from .engine.inject import adapters_named
     from .io import _layer_tensors, _shared_tensors
+    from .trained import copies_of, state_of
 
     if format != "peft":
         raise LorazooError(f"unknown adapter file format {format!r}; use format='lorazoo' or format='peft'")
@@ -547,8 +609,15 @@ def save_peft(
             f"adapter {name!r} is a {variant!r} adapter, which has no PEFT form; lorazoo writes PEFT "
             f"folders for {', '.join(EXPORTABLE)}"
         )
+    saved: dict[str, list[str]] = {}
+    saved_tensors: dict[str, Tensor] = {}
+    for mpath, twin in copies_of(model, name).items():
+        own = state_of(twin)
+        saved[mpath] = sorted(own)
+        for key, t in own.items():
+            saved_tensors[f"{MODULES}.{mpath}.{key}"] = full_tensor(t).detach().to("cpu")
     if variant == "olora":
-        cfg, tensors = _olora_as_lora(entries, name)
+        cfg, tensors = _olora_as_lora(entries, name, saved, saved_tensors)
     else:
         tensors: dict[str, Tensor] = {}
         modules: dict[str, Any] = {}
@@ -561,7 +630,8 @@ def save_peft(
         if variant == "vera":  # PEFT's file carries the projections even where lorazoo's does not
             for key in ("vera_A", "vera_B"):
                 tensors[f"{SHARED}.{key}"] = getattr(adapter.shared, key).detach().to("cpu")
-        cfg, tensors = peft_files(variant, adapter.config.to_dict(), modules, tensors)
+        tensors.update(saved_tensors)
+        cfg, tensors = peft_files(variant, adapter.config.to_dict(), modules, tensors, saved)
     return write_folder(path, cfg, tensors)
 
 
@@ -659,6 +729,9 @@ def describe(path: str | os.PathLike) -> str:
             f"  {mpath:<{width}}  {info.get('kind', 'linear'):9s} {info['d_out']}×{d_in} (out×in)  "
             f"r={rank}  {parts}"
         )
+    for mpath, keys in sorted((doc.get("modules_to_save") or {}).items()):
+        parts = ", ".join(f"{k} {_shape(tensors[f'{MODULES}.{mpath}.{k}'])}" for k in keys)
+        lines.append(f"saved whole: {mpath}  {parts}")
     shared = {k: t for k, t in tensors.items() if k.startswith(SHARED + ".")}
     for k, t in sorted(shared.items()):
         lines.append(f"shared:   {k[len(SHARED) + 1 :]} {_shape(t)}")
@@ -712,7 +785,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
                 "and use lorazoo.save(model, folder, format='peft') (the rank-2r plain LoRA equivalent)"
             )
         tensors = {**tensors, **_regenerate_shared(doc, tensors)}
-        cfg, out = peft_files(doc["variant"], doc["config"], doc["modules"], tensors)
+        cfg, out = peft_files(
+            doc["variant"], doc["config"], doc["modules"], tensors, doc.get("modules_to_save")
+        )
         return write_folder(dst, cfg, out)
     return write_lorazoo_file(dst, doc, tensors)
 
@@ -733,4 +808,6 @@ def write_lorazoo_file(path: str | os.PathLike, doc: dict[str, Any], tensors: di
         "modules": doc["modules"],
         "lorazoo_version": __version__,
     }
+    if doc.get("modules_to_save"):
+        out["modules_to_save"] = doc["modules_to_save"]
     return write_file(path, out, tensors)

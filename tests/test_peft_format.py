@@ -142,6 +142,7 @@ def test_fixture_loads_with_peft_outputs(case):
         ("vera_regenerated", "vera", {"r": 6, "projection_prng_key": 4, "save_projection": False}),
         ("lora_alpha_pattern", "lora", {"r": 2, "alpha": 6.0}),
         ("lora_embedding", "lora", {"r": 3, "alpha": 6.0}),
+        ("lora_modules_to_save", "lora", {"r": 2, "alpha": 4.0}),
     ],
 )
 def test_fixture_maps_onto_variant_and_config(case, variant, config):
@@ -186,7 +187,7 @@ def test_lorazoo_round_trip_of_a_peft_fixture(tmp_path):
     ("changes", "match"),
     [
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-        ({"modules_to_save": ["4", "classifier"]}, r"modules_to_save=\['4', 'classifier'\]"),
+        ({"modules_to_save": [4]}, "modules_to_save must be a list of module names"),
         ({"bias": "lora_only"}, "bias='lora_only'"),
         ({"peft_type": "IA3"}, "peft_type='IA3'"),
         ({"peft_type": None}, "peft_type=None"),
@@ -196,7 +197,7 @@ def test_lorazoo_round_trip_of_a_peft_fixture(tmp_path):
         ({"alpha_pattern": {"2": 5}}, "module '2' has lora_alpha=5"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),
         ({"lora_bias": True}, "lora_bias"),
-        ({"modules_to_save": "score"}, "modules_to_save=score"),
+        ({"modules_to_save": {"score": 1}}, "modules_to_save must be a list of module names"),
         ({"lora_alpha": "big"}, "wrong type or form"),
         ({"lora_dropout": None}, "wrong type or form"),
         ({"alpha_pattern": ["2"]}, "wrong type or form"),

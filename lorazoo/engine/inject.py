@@ -238,11 +238,18 @@ def _transaction(model: nn.Module, body: Callable[[list[Callable[[], None]]], No
             action()
         _restore_flags(model, frozen, flags)
         raise
+    if hasattr(model, "_keys_to_ignore_on_save"):  # a transformers model: save_pretrained skips ours
+        from ..hf import sync_save_keys
+
+        sync_save_keys(model)
 
 
-def commit(model: nn.Module, p: Plan) -> nn.Module:
+def commit(
+    model: nn.Module, p: Plan, extra: Callable[[list[Callable[[], None]]], None] | None = None
+) -> nn.Module:
     """Apply a plan atomically: on any exception (an interrupt included) the model is left
-    exactly as it was."""
+    exactly as it was. ``extra(undo)``, when given, runs last inside the same transaction (a
+    load installs the adapter's trained module copies there)."""
     first = not hosts(model)
 
     def body(undo: list[Callable[[], None]]) -> None:
@@ -276,6 +283,8 @@ def commit(model: nn.Module, p: Plan) -> nn.Module:
                 saved = {k: held[k] for k in ("weight", "bias") if k in held}
                 undo.append(lambda held=held, saved=saved: held.update(saved))
                 held.update(dict.fromkeys(saved))
+        if extra is not None:
+            extra(undo)
 
     _transaction(model, body)
     return model
@@ -310,7 +319,8 @@ def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
 def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (default: every adapter). Merged adapters are unmerged and base
     rewrites reverted first, so the original weights come back bit for bit; layers left without
-    adapters get their original module object back. All or nothing: on any exception (an
+    adapters get their original module object back, and so do modules left without trained
+    copies (:func:`lorazoo.modules_to_save`). All or nothing: on any exception (an
     interrupt included) the model is left as it was. Returns ``model``."""
     present = adapter_names(model)
     if not present:
@@ -332,7 +342,10 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
         if name is not None:
             host.check_unpatch(name)
 
+    from ..trained import remove as remove_copies
+
     def body(undo: list[Callable[[], None]]) -> None:
+        remove_copies(model, names, undo)  # whole-module copies the adapters own (modules_to_save)
         for path, host in affected:
             _interrupt.checkpoint()
             state = host.merged

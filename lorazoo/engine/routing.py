@@ -61,6 +61,15 @@ def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
             f"cannot route a batch while adapters are merged (into {merged[:3]}{more}); call "
             "lorazoo.unmerge(model) first"
         )
+    from ..trained import trained_modules
+
+    saved = trained_modules(model)
+    if saved:
+        raise RoutingError(
+            f"cannot route a batch through a model with modules saved whole ({sorted(saved)[:3]}): such "
+            "a module runs one adapter's copy for the whole batch; run each adapter's rows as their own "
+            "batch with lorazoo.set_active instead"
+        )
     if any(h._routes is not None for _, h in layers):
         raise RoutingError("a batch is already routed; lorazoo.route blocks do not nest")
     device = next((t.device for _, h in layers for t in h.adapters.parameters()), torch.device("cpu"))

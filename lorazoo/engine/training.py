@@ -161,11 +161,17 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     unknown = [n for n in wanted if n not in present]
     if unknown:
         raise LorazooError(f"no adapter named {unknown}; adapters present: {list(present)}")
+    from ..trained import follow_active
+
     saved = [(host, host.active, host.parked()) for _, host in hosts(model)]
+    undo: list = []
     try:
         for host, _, _ in saved:
             host.set_active(wanted)
+        follow_active(model, wanted, undo)  # whole-module copies (modules_to_save) follow too
     except BaseException:
+        for action in reversed(undo):
+            action()
         for host, active, parked in saved:
             host.set_active(active, park=False)
             host._set_parked(set(parked))
@@ -183,15 +189,22 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     :func:`set_active` set them, so an optimizer or wrapper built inside or outside the block
     sees the same tensors.
     """
+    from ..trained import wrappers
+
     saved = [(host, host.active, host.parked()) for _, host in hosts(model)]
+    copies = [(w, w.active, w.parked()) for _, w in wrappers(model)]  # modules_to_save
     try:
         for host, _, _ in saved:
             host.set_active((), park=False)
+        for w, _, _ in copies:
+            w.set_active((), park=False)
         yield model
     finally:
         for host, active, parked in saved:
             # set_active called inside the block re-parked: park again for the restored set
             host.set_active(active, park=host.parked() != parked)
+        for w, active, parked in copies:
+            w.set_active(active, park=w.parked() != parked)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Regenerate the PEFT fixture folders beside this file (needs peft; CPU; a few seconds):
 
-    python tests/data/peft/make_fixtures.py
+    python tests/data/peft/make_fixtures.py [CASE ...]    # every case, or only those named
 
 Each ``<case>/`` holds what PEFT's ``save_pretrained`` wrote (``adapter_config.json``,
 ``adapter_model.safetensors``), the base model's weights (``base.safetensors``) and
@@ -62,6 +62,7 @@ BUILDERS = {
     "vera_regenerated": mlp,
     "lora_alpha_pattern": mlp,
     "lora_embedding": EmbedNet,
+    "lora_modules_to_save": mlp,
 }
 
 
@@ -82,6 +83,10 @@ def configs():  # pragma: no cover - needs peft
             r=2, lora_alpha=4, target_modules=["0", "2"], alpha_pattern={"0": 6, "2": 6}
         ),
         "lora_embedding": peft.LoraConfig(r=3, lora_alpha=6, target_modules=["embed", "head"]),
+        # The output layer trained whole beside the adapter (stored under its own path "4").
+        "lora_modules_to_save": peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["0", "2"], modules_to_save=["4"]
+        ),
     }
 
 
@@ -123,7 +128,10 @@ def make(case: str, config) -> None:  # pragma: no cover - needs peft
 
 
 def main() -> int:  # pragma: no cover - needs peft
+    wanted = sys.argv[1:]
     for case, config in configs().items():
+        if wanted and case not in wanted:
+            continue
         make(case, config)
         size = sum(f.stat().st_size for f in (HERE / case).iterdir())
         print(f"{case}: {size} bytes")
