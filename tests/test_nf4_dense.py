@@ -158,7 +158,8 @@ def test_refusals_change_nothing():
         layer.drop_dense()
     for bad, match in [
         (torch.zeros(96, 70), "70x96"),
-        (torch.zeros(70, 96, dtype=torch.int32), "float32"),
+        (torch.zeros(70, 96, dtype=torch.int32), "weight_dtype is torch.float32"),
+        (torch.zeros(70, 96, dtype=torch.bfloat16), "cast it"),
         (torch.zeros(70, 96, device="meta"), "move it first"),
         ("weights", "70x96"),
     ]:
@@ -282,6 +283,18 @@ def test_export_without_a_dense_weight_copies_the_packed_bytes():
 
 
 # ---- to_linear / dequantize -----------------------------------------------------------------------
+
+
+def test_from_nf4_takes_the_storage_and_copies_the_bias():
+    lin = nn.Linear(96, 70).to(torch.bfloat16)
+    q = quantize_nf4(lin.weight.detach())
+    layer = NF4Linear.from_nf4(q, lin.bias)
+    assert layer.weight_codes is q.codes and layer.weight_dtype == torch.bfloat16
+    assert torch.equal(layer.bias, lin.bias) and layer.bias.data_ptr() != lin.bias.data_ptr()
+    assert not layer.bias.requires_grad
+    assert NF4Linear.from_nf4(q).bias is None
+    with pytest.raises(ConfigError, match="2-D"):
+        NF4Linear.from_nf4(quantize_nf4(torch.randn(130)))
 
 
 def test_to_linear_keeps_the_bias_object_on_request():

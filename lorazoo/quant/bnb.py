@@ -122,20 +122,7 @@ def nf4_from_bnb(layer: nn.Module) -> NF4Weight:
 def nf4linear_from_bnb(layer: nn.Module) -> NF4Linear:
     """An :class:`NF4Linear` holding ``layer``'s packed weight byte for byte and a frozen copy of
     its bias."""
-    q = nf4_from_bnb(layer)
-    out_f, in_f = q.shape
-    new = NF4Linear(
-        in_f,
-        out_f,
-        bias=layer.bias is not None,
-        double_quant=q.double_quant,
-        weight_dtype=q.dtype,
-        device=q.codes.device,
-    )
-    new.load_nf4(q)
-    if layer.bias is not None:
-        new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-    return new
+    return NF4Linear.from_nf4(nf4_from_bnb(layer), layer.bias)
 
 
 def quant_state_of(q: NF4Weight) -> Any:

@@ -136,6 +136,26 @@ class NF4Linear(nn.Module):
                 layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
+    @classmethod
+    def from_nf4(cls, q: NF4Weight, bias: Tensor | None = None) -> NF4Linear:
+        """A layer holding the NF4 storage ``q`` (a 2-D ``out × in`` weight; its tensors are
+        taken as they are, not copied) and a frozen copy of ``bias`` (or none)."""
+        if len(q.shape) != 2:
+            raise ConfigError(f"an NF4Linear weight is 2-D (out x in), got shape {tuple(q.shape)}")
+        out_f, in_f = q.shape
+        layer = cls(
+            in_f,
+            out_f,
+            bias=bias is not None,
+            double_quant=q.double_quant,
+            weight_dtype=q.dtype,
+            device=q.codes.device,
+        )
+        layer.load_nf4(q)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(q.codes.device).clone(), requires_grad=False)
+        return layer
+
     def to_linear(self, dtype: torch.dtype | None = None, *, keep_bias: bool = False) -> nn.Linear:
         """A dense ``nn.Linear`` holding the dequantised packed weight (in ``dtype``, default
         ``weight_dtype``; a dense weight held by :meth:`hold_dense` is not what it returns).
@@ -216,9 +236,9 @@ class NF4Linear(nn.Module):
 
         The layer takes ``weight`` as it is (no copy) as a frozen parameter named ``weight``; the
         packed buffers stay, untouched, out of the state dict. Memory grows by the dense weight
-        until :meth:`drop_dense`. The dense dtype becomes ``weight_dtype`` (the packed storage
-        keeps the one it was quantised from, see :meth:`drop_dense`). All or nothing: on any
-        failure, an interrupt included, the layer is as it was."""
+        until :meth:`drop_dense`. ``weight`` must have the layer's ``weight_dtype`` (cast the
+        merged weight to it), so holding and dropping leave the layer's nominal dtype as it was.
+        All or nothing: on any failure, an interrupt included, the layer is as it was."""
         if self.weight is not None:
             raise MergeError(
                 "this layer already holds a dense weight; drop_dense() it before holding another"
@@ -227,8 +247,11 @@ class NF4Linear(nn.Module):
         if not isinstance(weight, Tensor) or tuple(weight.shape) != want:
             got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
             raise ConfigError(f"hold_dense takes an {want[0]}x{want[1]} weight (out x in), got {got}")
-        if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ConfigError(f"a dense weight must be float32, bfloat16 or float16, got {weight.dtype}")
+        if weight.dtype != self.weight_dtype:
+            raise ConfigError(
+                f"the dense weight is {weight.dtype} but this layer's weight_dtype is {self.weight_dtype}; "
+                f"cast it (e.g. merged.to({self.weight_dtype})) or move the layer to that dtype first"
+            )
         if weight.device != self.weight_codes.device:
             raise ConfigError(
                 f"the dense weight is on {weight.device} but the layer on {self.weight_codes.device}; "
@@ -236,7 +259,6 @@ class NF4Linear(nn.Module):
             )
         param = nn.Parameter(weight.detach(), requires_grad=False)
         names = self._packed_names()
-        old_dtype = self.weight_dtype
         old_np = set(self._non_persistent_buffers_set)
         _interrupt.checkpoint()
         try:
@@ -244,19 +266,17 @@ class NF4Linear(nn.Module):
             _interrupt.checkpoint()
             self._parameters["weight"] = param
             _interrupt.checkpoint()
-            self.weight_dtype = param.dtype
         except BaseException:
             self._parameters["weight"] = None
             self._non_persistent_buffers_set.clear()
             self._non_persistent_buffers_set.update(old_np)
-            self.weight_dtype = old_dtype
             raise
 
     def drop_dense(self) -> Tensor:
         """Drop the dense weight :meth:`hold_dense` gave and compute with the packed storage
         again; returns the dropped tensor. The packed buffers are the very tensors that were
-        set aside, so every byte is as before the hold. ``weight_dtype`` keeps the dense
-        weight's dtype (a ``.to(dtype)`` made while dense stays in effect). All or nothing."""
+        set aside, so every byte is as before the hold. A ``.to(dtype)`` made while dense stays in
+        effect (``weight_dtype`` is then that dtype). All or nothing."""
         param = self.weight
         if param is None:
             raise MergeError("this layer holds no dense weight; there is nothing to drop")
@@ -299,18 +319,7 @@ class NF4Linear(nn.Module):
             dense = self.weight.detach() if self.weight is not None else self.dequantized_weight()
             q = quantize_nf4(dense, dq)
             err = quant_error(dense, q)
-        layer = type(self)(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            double_quant=dq,
-            weight_dtype=q.dtype,
-            device=self.weight_codes.device,
-        )
-        layer.load_nf4(q)
-        if self.bias is not None:
-            layer.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return layer, err
+        return type(self).from_nf4(q, self.bias), err
 
     # ---- forward ------------------------------------------------------------------------------
 
