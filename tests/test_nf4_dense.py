@@ -329,3 +329,69 @@ def test_dequantize_keeps_bias_objects_and_refuses_dense_layers():
     assert lorazoo.dequantize(model) == list(biases)
     for n, b in biases.items():
         assert model.get_submodule(n).bias is b
+
+
+@pytest.mark.parametrize("op_name", ["hold", "drop"])
+def test_interrupt_at_every_line_is_old_or_new_state(op_name):
+    """A KeyboardInterrupt can arrive at any line, not only at checkpoints: raise at the k-th
+    line executed in lorazoo/quant/linear.py during the operation, for every k of a clean run;
+    afterwards the layer is in its old state or in the complete new one."""
+    import sys
+
+    from lorazoo.quant import linear as linear_module
+
+    w = _merged(_layer())
+
+    def fresh() -> NF4Linear:
+        layer = _layer()
+        if op_name == "drop":
+            layer.hold_dense(w)
+        return layer
+
+    def op(layer: NF4Linear) -> None:
+        if op_name == "hold":
+            layer.hold_dense(w)
+        else:
+            layer.drop_dense()
+
+    done = fresh()
+    op(done)
+    new = _snapshot(done)
+    src = linear_module.__file__
+
+    def run(fail_at):
+        count = 0
+
+        def local(frame, event, arg):
+            nonlocal count
+            if event == "line":
+                count += 1
+                if count == fail_at:
+                    raise Interrupt(f"line {frame.f_lineno}")
+            return local
+
+        def global_(frame, event, arg):
+            return local if frame.f_code.co_filename == src and event == "call" else None
+
+        layer = fresh()
+        before = _snapshot(layer)
+        previous = sys.gettrace()
+        sys.settrace(global_)
+        try:
+            op(layer)
+            raised = False
+        except Interrupt:
+            raised = True
+        finally:
+            sys.settrace(previous)
+        return count, layer, before, raised
+
+    total, _, _, raised = run(None)
+    assert not raised and total > 10
+    for k in range(1, total + 1):
+        _, layer, before, raised = run(k)
+        assert raised
+        try:
+            _same(before, layer, f"interrupted at line {k}")
+        except AssertionError:
+            _same(new, layer, f"interrupted at line {k}: neither old nor new", same_storage=False)
