@@ -22,7 +22,7 @@ def _dense(d_in=96, d_out=70, dtype=torch.float32, seed=0) -> nn.Linear:
     return lin
 
 
-def _linear4bit(lin: nn.Linear, dq: bool, quant_type="nf4", blocksize=64) -> nn.Module:
+def _linear4bit(lin: nn.Linear, dq: bool, quant_type="nf4", blocksize=64, storage=torch.uint8) -> nn.Module:
     layer = bnb.nn.Linear4bit(
         lin.in_features,
         lin.out_features,
@@ -30,7 +30,7 @@ def _linear4bit(lin: nn.Linear, dq: bool, quant_type="nf4", blocksize=64) -> nn.
         compute_dtype=lin.weight.dtype,
         compress_statistics=dq,
         quant_type=quant_type,
-        quant_storage=torch.uint8,
+        quant_storage=storage,
     )
     layer.weight = bnb.nn.Params4bit(
         lin.weight.detach().clone(),
@@ -38,6 +38,7 @@ def _linear4bit(lin: nn.Linear, dq: bool, quant_type="nf4", blocksize=64) -> nn.
         compress_statistics=dq,
         quant_type=quant_type,
         blocksize=blocksize,
+        quant_storage=storage,
     )
     layer.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
     return layer.to("cpu")  # bitsandbytes quantises on the move
@@ -114,6 +115,14 @@ def test_to_bnb_and_back_is_byte_for_byte(dq):
         assert torch.equal(y, ours(x))
     # the forward may repack the bytes in place (AVX512-BF16): the state dict is still the same
     _same_bytes(nf4_from_bnb(theirs).tensors(), ours.nf4().tensors())
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_other_quant_storage_dtypes_hold_the_same_bytes(storage):
+    lin = _dense()
+    layer = _linear4bit(lin, True, storage=storage)
+    assert layer.weight.dtype == storage
+    _same_bytes(nf4_from_bnb(layer).tensors(), quantize_nf4(lin.weight.detach(), True).tensors())
 
 
 def test_conversion_after_an_eval_forward_reads_the_standard_layout():
