@@ -784,3 +784,129 @@ def _replace(expected: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
         for key, t in expected.items():
             t.copy_(backup[key])
         raise
+
+
+# ---- the base an adapter was trained on (quantised bases) ---------------------------------------
+#
+# A module's entry in the adapter document may carry ``"base"``, describing how that layer's frozen
+# weight was stored when the adapter was trained (written for layers whose base is not dense):
+#
+#     {"storage": "nf4", "quant_type": "nf4", "block_size": 64, "double_quant": true,
+#      "dtype": "torch.bfloat16", "fingerprint": "<32 hex digits>"}
+#
+# ``dtype`` is the dtype the weight was quantised from (what dequantisation returns);
+# ``fingerprint`` (optional) is a BLAKE2b-128 digest of every stored tensor of the layer (codes,
+# scales, second-level scales, offset), with their dtypes and shapes and the weight's shape, so a
+# load can tell whether the base it lands on holds the very bytes the adapter was trained on.
+
+BASE_KEY = "base"
+_BASE_FIELDS: dict[str, type] = {
+    "storage": str,
+    "quant_type": str,
+    "block_size": int,
+    "double_quant": bool,
+    "dtype": str,
+}
+
+
+def nf4_fingerprint(q: Any) -> str:
+    """A BLAKE2b-128 digest (32 hex digits) of an NF4 weight's stored bytes, shapes and dtypes:
+    equal fingerprints mean byte-identical storage. Costs one read of the packed bytes (about a
+    quarter of the dense weight)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(q.shape), str(q.dtype))).encode())
+    for name, t in q.tensors().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(repr((name, str(t.dtype), tuple(t.shape))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def record_base(q: Any, *, fingerprint: bool = True) -> dict[str, Any]:
+    """The ``"base"`` entry for one layer whose weight is the NF4 storage ``q``
+    (a :class:`lorazoo.quant.NF4Weight`); ``fingerprint=False`` leaves out the digest."""
+    from .quant.nf4 import BLOCK
+
+    out: dict[str, Any] = {
+        "storage": "nf4",
+        "quant_type": "nf4",
+        "block_size": BLOCK,
+        "double_quant": bool(q.double_quant),
+        "dtype": str(q.dtype),
+    }
+    if fingerprint:
+        out["fingerprint"] = nf4_fingerprint(q)
+    return out
+
+
+def read_base(where: str, path: str, info: Any) -> dict[str, Any] | None:
+    """The validated ``"base"`` entry of module ``path`` in a file's document (``info`` is the
+    module's entry), or None when the file records none (a dense base). A malformed entry is an
+    :class:`AdapterFileError` naming the field."""
+    if not isinstance(info, dict) or info.get(BASE_KEY) is None:
+        return None
+    base = info[BASE_KEY]
+    what = f"{where} has a damaged adapter header: module {_short(path)}"
+    if not isinstance(base, dict):
+        raise AdapterFileError(f"{what}: 'base' must be a JSON object, got {_short(base)}")
+    for key, kind in _BASE_FIELDS.items():
+        value = base.get(key)
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            raise AdapterFileError(
+                f"{what}: base field {key!r} must be a JSON {kind.__name__}, got {_short(value)}"
+            )
+    fp = base.get("fingerprint")
+    if fp is not None and not (
+        isinstance(fp, str) and len(fp) == 32 and all(c in "0123456789abcdef" for c in fp)
+    ):
+        raise AdapterFileError(f"{what}: base field 'fingerprint' must be 32 hex digits, got {_short(fp)}")
+    unknown = sorted(set(base) - set(_BASE_FIELDS) - {"fingerprint"})
+    if unknown:
+        raise AdapterFileError(
+            f"{what}: unknown base field {_short(unknown[0])}; this lorazoo reads "
+            f"{', '.join([*_BASE_FIELDS, 'fingerprint'])}"
+        )
+    if base["dtype"] not in _DTYPES:
+        raise AdapterFileError(
+            f"{what}: base dtype {_short(base['dtype'])} is not one of {', '.join(_DTYPES)}"
+        )
+    return dict(base)
+
+
+def check_base(where: str, path: str, recorded: dict[str, Any] | None, q: Any | None) -> None:
+    """Check that layer ``path`` of the model a file is loaded onto is stored as the file says.
+
+    ``recorded`` is :func:`read_base`'s result; ``q`` is the layer's NF4 storage (an
+    :class:`~lorazoo.quant.NF4Weight`) or None for a dense layer. A file that records no base
+    fits any layer. Otherwise the storage, then each recipe field (``quant_type``,
+    ``block_size``, ``double_quant``, ``dtype``), then the fingerprint (when recorded) must
+    match; the :class:`AdapterFileError` names the first field that differs, both values, and
+    what would fit."""
+    if recorded is None:
+        return
+    if q is None:
+        raise AdapterFileError(
+            f"{where} was trained on layer {path!r} stored as {recorded['storage']} (quant_type="
+            f"{recorded['quant_type']}, block_size={recorded['block_size']}, double_quant="
+            f"{recorded['double_quant']}), but this model's {path!r} is dense: quantise it with that "
+            "recipe first (lorazoo.quantize(model, double_quant=...)) so the adapter sees the base it "
+            "was trained on"
+        )
+    ours = record_base(q, fingerprint="fingerprint" in recorded)
+    for key in (*_BASE_FIELDS, "fingerprint"):
+        if key in recorded and recorded[key] != ours[key]:
+            if key == "fingerprint":
+                raise AdapterFileError(
+                    f"{where} was trained on other NF4 bytes for layer {path!r} (base fingerprint "
+                    f"{recorded[key]} in the file, {ours[key]} in this model) although the recipe "
+                    "matches: the base weights differ (another checkpoint, or quantised from another "
+                    "dtype); load the adapter onto the base it was trained on"
+                )
+            raise AdapterFileError(
+                f"{where} was trained on layer {path!r} stored with {key}={_short(recorded[key])}, but "
+                f"this model's {path!r} has {key}={_short(ours[key])}; re-quantise the base with "
+                f"{key}={_short(recorded[key])} from its full-precision weights"
+            )

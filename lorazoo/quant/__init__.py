@@ -4,6 +4,11 @@ whole-model :func:`quantize` / :func:`dequantize`.
 
     report = lorazoo.quantize(model)          # every nn.Linear but the output head -> NF4Linear
     lorazoo.dequantize(model)                 # back to dense nn.Linear (dequantised weights)
+
+An ``NF4Linear`` can hold a dense (merged) weight in place of its packed storage and drop it
+again with the packed bytes unchanged (``hold_dense`` / ``drop_dense``); ``export_nf4``
+requantises explicitly and reports the error. ``lorazoo.quant.bnb`` converts bitsandbytes'
+``Linear4bit`` layers to and from this storage byte for byte (bitsandbytes is optional).
 """
 
 from .linear import NF4Linear

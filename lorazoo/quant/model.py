@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import TargetError
+from ..errors import MergeError, TargetError
 from .linear import NF4Linear
 from .nf4 import QuantError, quant_error
 
@@ -108,10 +108,22 @@ def quantize(
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Replace every :class:`NF4Linear` in ``model`` by a dense ``nn.Linear`` holding its
     dequantised weight (in ``dtype``, default each layer's ``weight_dtype``). Returns the paths
-    replaced. Memory grows to the dense size; nothing changes when any layer fails."""
+    replaced. Each new layer keeps the old layer's bias parameter object when the dtype is
+    unchanged (a copy when it is cast). Memory grows to the dense size; nothing changes when any
+    layer fails. A layer holding a dense (merged) weight is refused: its dequantised packed
+    weight is not what it computes with."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear) and n]
     if isinstance(model, NF4Linear):
         raise TargetError("the model itself is an NF4Linear; call its to_linear() instead")
-    built = [(n, m.to_linear(dtype)) for n, m in found]
+    dense = [n for n, m in found if m.holds_dense]
+    if dense:
+        raise MergeError(
+            f"{len(dense)} NF4 layers hold a dense (merged) weight, e.g. {dense[0]!r}; unmerge first "
+            "(their packed storage is not what they compute with), then dequantize"
+        )
+    built = []
+    for n, m in found:
+        keep = m.bias is None or (dtype or m.weight_dtype) == m.bias.dtype
+        built.append((n, m.to_linear(dtype, keep_bias=keep)))
     _swap(model, built)
     return [n for n, _ in built]
