@@ -52,7 +52,24 @@ from .quant import NF4Linear, QuantReport, dequantize, quantize  # noqa: E402
 from .registry import register, unregister, variant, variants  # noqa: E402
 from .variant import LayerInfo, LowRank, LowRankAdapter, StepInfo, Variant, VariantConfig  # noqa: E402
 
+# ---- layer kinds ----
+from .engine.host import AdaptedLayer  # noqa: E402
+from .engine.kinds import LayerKind  # noqa: E402
+from .engine.kinds.conv1d_hf import AdaptedConv1D  # noqa: E402
+from .registry import layer_kinds  # noqa: E402
+from .variant import Host, PlainLowRank  # noqa: E402
+
+# ---- end layer kinds ----
+
 __all__ = [
+    # layer kinds
+    "AdaptedConv1D",
+    "AdaptedLayer",
+    "Host",
+    "LayerKind",
+    "PlainLowRank",
+    "layer_kinds",
+    # end layer kinds
     "AdaptedEmbedding",
     "AdaptedLinear",
     "AdapterFileError",

@@ -26,7 +26,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,6 @@ from .errors import ConfigError, closest
 
 if TYPE_CHECKING:
     from .claims import Claim
-    from .engine.layer import AdaptedLinear
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +170,37 @@ class LowRank:
     row_scale: Tensor | None = None  # c, length d_out
 
 
+class PlainLowRank(NamedTuple):
+    """The factors of an adapter whose contribution is exactly ``s·B·A·drop(x)`` (what
+    :meth:`Variant.plain_lowrank` reports): the engine then computes it on its fast paths."""
+
+    A: Tensor  # r × d_in
+    B: Tensor  # d_out × r
+    scale: float
+    dropout: nn.Module
+
+
+class Host(Protocol):
+    """What a variant sees of the layer that carries it (the engine's
+    :class:`~lorazoo.engine.host.AdaptedLayer` and its per-kind subclasses).
+
+    ``weight`` is the base weight in the ``d_out × d_in`` layout the variant's factors use (for a
+    layer that stores it otherwise, a view of the stored tensor), ``bias`` the base bias or None.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    in_features: int
+    out_features: int
+    adapters: nn.ModuleDict
+    active: tuple[str, ...]
+    merged: Any
+
+    def patch_base(self, owner: str, B: Tensor, A: Tensor, row_scale: Tensor | None = None) -> None: ...
+
+    def check_unpatch(self, owner: str) -> None: ...
+
+
 # --------------------------------------------------------------------------------------------
 # The variant interface
 # --------------------------------------------------------------------------------------------
@@ -227,10 +257,10 @@ class Variant(nn.Module, ABC):
         """
 
     @abstractmethod
-    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, host: Host) -> Tensor:
         """The contribution ``c_a(x)`` this adapter adds to the base output (unmerged path)."""
 
-    def output(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+    def output(self, x: Tensor, base_out: Tensor, host: Host) -> Tensor:
         """The layer's whole unmerged output, ``base_out + c_a(x)``.
 
         The engine calls this instead of :meth:`forward` when this adapter is the only one the
@@ -247,6 +277,13 @@ class Variant(nn.Module, ABC):
     @abstractmethod
     def num_trainable(cls, d_in: int, d_out: int, config: VariantConfig) -> int:
         """The trainable-parameter count of one adapted ``d_out × d_in`` layer."""
+
+    def plain_lowrank(self) -> PlainLowRank | None:
+        """The factors ``(A, B, scale, dropout)`` when this adapter's contribution is exactly
+        ``s·B·A·drop(x)``, else None (the default). An adapter that reports them lets the engine
+        compute its contribution itself (one fused ``addmm_`` into the base output, one shared
+        product over a routed batch) instead of calling :meth:`forward`."""
+        return None
 
     # ---- derived math ----------------------------------------------------------------------
 
@@ -303,7 +340,7 @@ class Variant(nn.Module, ABC):
         """
         return None
 
-    def prepare_base(self, host: AdaptedLinear, name: str) -> None:
+    def prepare_base(self, host: Host, name: str) -> None:
         """Prepare the base layer after the adapter ``name`` is built and attached (OLoRA
         rewrites ``W``; QLoRA would quantise it).
 
@@ -402,9 +439,38 @@ class LowRankAdapter(Variant):
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
         return F.linear(h, self.lora_B) * self.scale
 
-    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, host: Host) -> Tensor:
         return self.lowrank_out(x)
+
+    def plain_lowrank(self) -> PlainLowRank | None:
+        if not fusable(type(self)):
+            return None
+        return PlainLowRank(self.lora_A, self.lora_B, self.scale, self.dropout)
 
     @classmethod
     def num_trainable(cls, d_in: int, d_out: int, config: VariantConfig) -> int:
         return config.r * (d_in + d_out)
+
+
+def fusable(cls: type) -> bool:
+    """True when adapters of ``cls`` report plain low-rank factors (:meth:`Variant.plain_lowrank`)
+    and so may take the engine's fused forward path.
+
+    The fused path computes ``y += s·(drop(x)·Aᵀ)·Bᵀ`` in one ``addmm_`` on the base output. For
+    :class:`LowRankAdapter` and its subclasses it is only valid while the contribution is exactly
+    that class's, so a subclass qualifies only by keeping its ``forward`` and ``lowrank_out``
+    untouched; overriding either (DoRA) selects the general path, and a subclass can also opt
+    out with ``fused_forward = False``. Another variant qualifies by overriding
+    :meth:`Variant.plain_lowrank`.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Variant)):
+        return False
+    if getattr(cls, "fused_forward", True) is False:
+        return False
+    if issubclass(cls, LowRankAdapter):
+        return (
+            cls.forward is LowRankAdapter.forward
+            and cls.lowrank_out is LowRankAdapter.lowrank_out
+            and cls.plain_lowrank is LowRankAdapter.plain_lowrank
+        ) or cls.plain_lowrank not in (LowRankAdapter.plain_lowrank, Variant.plain_lowrank)
+    return cls.plain_lowrank is not Variant.plain_lowrank

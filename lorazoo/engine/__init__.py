@@ -1,6 +1,7 @@
 """The one shared injection / routing / merge engine. It knows no variant by name."""
 
 from .inject import adapter_names, eject, hosts, inject, iter_adapters, plan
+from .host import AdaptedLayer
 from .layer import AdaptedEmbedding, AdaptedLinear
 from .merge import MergeReport, merge, merge_report, unmerge
 from .routing import route
@@ -18,6 +19,7 @@ from .training import (
 
 __all__ = [
     "AdaptedEmbedding",
+    "AdaptedLayer",
     "AdaptedLinear",
     "MergeReport",
     "TrainableCount",
