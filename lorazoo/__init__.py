@@ -53,12 +53,14 @@ from .registry import register, unregister, variant, variants  # noqa: E402
 from .variant import LayerInfo, LowRank, LowRankAdapter, StepInfo, Variant, VariantConfig  # noqa: E402
 
 # ---- layer kinds ----
+# isort: split
 from .engine.host import AdaptedLayer  # noqa: E402
 from .engine.kinds import LayerKind  # noqa: E402
 from .engine.kinds.conv1d_hf import AdaptedConv1D  # noqa: E402
 from .registry import layer_kinds  # noqa: E402
 from .variant import Host, PlainLowRank  # noqa: E402
 
+# isort: split
 # ---- end layer kinds ----
 
 __all__ = [

@@ -1,8 +1,8 @@
 """The plugin registry: a pluggy ``PluginManager`` fed from the ``lorazoo`` entry-point group.
 
-Built-in variants and layer kinds are ordinary plugins: they are found through the same entry points a third-party
-package declares. Plugins are loaded lazily, on the first lookup, and can also be registered
-in-process with :func:`register` (notebooks, tests).
+Built-in variants and layer kinds are ordinary plugins: they are found through the same entry
+points a third-party package declares. Plugins are loaded lazily, on the first lookup, and can
+also be registered in-process with :func:`register` (notebooks, tests).
 """
 
 from __future__ import annotations
@@ -118,8 +118,7 @@ def _check_kind(kind: Any, label: str) -> Any:
     host = getattr(kind, "host_class", None)
     if not (isinstance(host, type) and issubclass(host, AdaptedLayer)):
         raise PluginError(
-            f"layer kind {kind.name!r} from plugin {label!r}: host_class must subclass "
-            "lorazoo.AdaptedLayer"
+            f"layer kind {kind.name!r} from plugin {label!r}: host_class must subclass lorazoo.AdaptedLayer"
         )
     return kind
 

@@ -1,7 +1,7 @@
 """The one shared injection / routing / merge engine. It knows no variant by name."""
 
-from .inject import adapter_names, eject, hosts, inject, iter_adapters, plan
 from .host import AdaptedLayer
+from .inject import adapter_names, eject, hosts, inject, iter_adapters, plan
 from .layer import AdaptedEmbedding, AdaptedLinear
 from .merge import MergeReport, merge, merge_report, unmerge
 from .routing import route

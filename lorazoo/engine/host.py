@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,6 @@ def _add_rows(y: Tensor, route: Route, c: Tensor, alpha: float = 1.0) -> None:
         y[route.span[0] : route.span[1]].add_(c, alpha=alpha)
     else:
         y.index_add_(0, route.rows, c, alpha=alpha)
-
 
 
 @dataclass
@@ -125,7 +124,6 @@ def _moved_residual(res: Residual, device: torch.device) -> Residual:
         res.wide_bits.to(device),
         res.merged_sum,
     )
-
 
 
 class AdaptedLayer(nn.Module):
@@ -302,7 +300,6 @@ class AdaptedLayer(nn.Module):
                 p.requires_grad_(flag)
             self._parked = before
             raise
-
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -666,12 +663,9 @@ class AdaptedLayer(nn.Module):
         )
 
 
-
 def _own_parameters(adapter: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """An adapter's parameters, without those of state shared with other adapters."""
     return [(n, p) for n, p in adapter.named_parameters() if not n.startswith("shared.")]
-
-
 
 
 def _ignore_missing_adapter_keys(module: AdaptedLayer, incompatible) -> None:

@@ -20,8 +20,8 @@ from torch import nn
 from ..errors import LorazooError, MergeError
 from . import _interrupt
 from .distributed import reshard
-from .inject import adapter_names, hosts, tied_elsewhere
 from .host import AdaptedLayer
+from .inject import adapter_names, hosts, tied_elsewhere
 
 
 @dataclass(frozen=True)

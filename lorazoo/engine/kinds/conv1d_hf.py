@@ -67,9 +67,7 @@ class AdaptedConv1D(AdaptedLinear):
 
     def extra_repr(self) -> str:
         merged = list(self.merged.names) if self.merged else []
-        return (
-            f"nf={self.out_features}, nx={self.in_features}, active={list(self.active)}, merged={merged}"
-        )
+        return f"nf={self.out_features}, nx={self.in_features}, active={list(self.active)}, merged={merged}"
 
 
 class HFConv1DKind(LinearKind):

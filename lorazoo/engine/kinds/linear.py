@@ -46,6 +46,7 @@ def _keeps_input(f: PlainLowRank, training: bool, x: Tensor) -> bool:
         and not torch.is_autocast_enabled(x.device.type)
     )
 
+
 class _CastLowRank(torch.autograd.Function):
     """``(s·B·A·x.to(A.dtype)).to(out_dtype)``, the general path of a plain low-rank adapter
     whose dtype differs from the layer's, with the same operations and so the same bits, forward
@@ -76,7 +77,6 @@ class _CastLowRank(torch.autograd.Function):
             if need_x:
                 gx = (gh @ A).to(x.dtype)
         return gx, ga, gb, None, None
-
 
 
 def _addmm_rows(y: Tensor, route: Route, h: Tensor, B: Tensor, alpha: float) -> None:
