@@ -53,9 +53,8 @@ def test_all_linear_selects_the_conv1d_projections_not_the_head():
     model = tiny_gpt2()
     lorazoo.inject(model, "lora", targets="all-linear", r=4)
     adapted = sorted(p for p, _ in lorazoo.engine.hosts(model))
-    want = sorted(
-        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    )
+    layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    want = sorted(f"transformer.h.{i}.{m}" for i in range(2) for m in layers)
     assert adapted == want
     host = model.transformer.h[0].attn.c_attn
     assert isinstance(host, lorazoo.AdaptedConv1D)
