@@ -61,7 +61,8 @@ def tied_elsewhere(model: nn.Module, pairs: Sequence[tuple[str, nn.Module]]) -> 
         if w.device.type == "meta":
             continue
         w = local_view(w)
-        wname = layer.weight_name if isinstance(layer, AdaptedLayer) else "weight"
+        kind = kind_of(layer)
+        wname = kind.host_class.weight_name if kind is not None else "weight"
         own = f"{path}.{wname}" if path else wname
         lo, hi = _extent(w)
         others = [
