@@ -155,6 +155,8 @@ class AdaptedLayer(nn.Module):
                 self.register_buffer(name, base._buffers[name], persistent=persistent)
             else:
                 self.register_parameter(name, None)
+        if "bias" not in self._parameters and "bias" not in self._buffers:
+            self.register_parameter("bias", None)  # variants read ``host.bias``
         self.adapters = nn.ModuleDict()
         self._origin = (base,)  # a tuple, so nn.Module does not register it as a child
         self._kind = (kind,)
