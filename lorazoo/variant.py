@@ -22,6 +22,7 @@ Optional class-level hooks shape training (``param_groups``, ``extra_loss``, the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -118,9 +119,10 @@ class LayerInfo:
 
     ``weight`` is the live base weight (read it for data-aware initialisations such as OLoRA's
     QR; change it only through ``host.patch_base`` in :meth:`Variant.prepare_base`). ``kind``
-    is ``"linear"`` or ``"embedding"``; an embedding is seen as the linear map from one-hot rows
-    (``d_in = num_embeddings``, ``d_out = embedding_dim``), and ``weight`` is then a transposed
-    view of its table.
+    is the layer kind's ``adapts_as``, ``"linear"`` or ``"embedding"`` for the built-in kinds; an
+    embedding is seen as the linear map from one-hot rows (``d_in = num_embeddings``,
+    ``d_out = embedding_dim``), and ``weight`` is then a transposed view of its table (so is it
+    for transformers' ``Conv1D``, which stores ``d_in × d_out``).
     """
 
     path: str
@@ -219,8 +221,10 @@ class Variant(nn.Module, ABC):
         recommended_lr: the AdamW learning rate this variant is known to train well with on
             small and mid-sized models (``lorazoo bench`` uses it unless told otherwise; scale it
             down for models of billions of parameters).
-        layer_kinds: the layer kinds it adapts, ``"linear"`` and (for additive variants whose
-            output is exactly their ``lowrank()`` product) ``"embedding"``. On an embedding the
+        layer_kinds: the layer kinds it adapts, by the name a layer kind adapts as:
+            ``"linear"`` (every kind that is a linear map: ``nn.Linear``, transformers'
+            ``Conv1D``, ...) and (for additive variants whose output is exactly their
+            ``lowrank()`` product) ``"embedding"``. On an embedding the
             engine computes ``s·Aᵀ[ids]·Bᵀ`` from ``lowrank()`` itself; ``forward`` and dropout
             are not used there.
         claims: the qualitative claims of the variant's paper, as :class:`lorazoo.claims.Claim`
@@ -452,6 +456,7 @@ class LowRankAdapter(Variant):
         return config.r * (d_in + d_out)
 
 
+@functools.cache
 def fusable(cls: type) -> bool:
     """True when adapters of ``cls`` report plain low-rank factors (:meth:`Variant.plain_lowrank`)
     and so may take the engine's fused forward path.
@@ -461,7 +466,7 @@ def fusable(cls: type) -> bool:
     that class's, so a subclass qualifies only by keeping its ``forward`` and ``lowrank_out``
     untouched; overriding either (DoRA) selects the general path, and a subclass can also opt
     out with ``fused_forward = False``. Another variant qualifies by overriding
-    :meth:`Variant.plain_lowrank`.
+    :meth:`Variant.plain_lowrank`. The answer is cached per class (it is asked on every forward).
     """
     if not (isinstance(cls, type) and issubclass(cls, Variant)):
         return False

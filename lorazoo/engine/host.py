@@ -92,7 +92,8 @@ class MergeState:
 
 @dataclass
 class BasePatch:
-    """A reversible rewrite of the base weight made by a variant (OLoRA's ``W − s·B₀A₀``)."""
+    """A reversible rewrite of the base weight made by a variant (OLoRA's ``W − s·B₀A₀``), its
+    factors in the layout of the host's ``merge_target()``."""
 
     owner: str
     B: Tensor
@@ -532,12 +533,15 @@ class AdaptedLayer(nn.Module):
             raise MergeError(
                 f"adapter {owner!r} rewrites the base weight, which {self.kind.name} layers do not support"
             )
+        self._patch(owner, *self.orient(B, A, row_scale))
+
+    def _patch(self, owner: str, B: Tensor, A: Tensor, row_scale: Tensor | None) -> None:
+        """:meth:`patch_base` with factors already in :meth:`merge_target`'s layout."""
         weight = self.merge_target()
         acc = acc_dtype(weight.dtype)
-        B = B.detach().to(acc)
-        A = A.detach().to(acc)
-        g = row_scale.detach().to(acc) if row_scale is not None else None
-        B, A, g = (None if t is None else t.contiguous().clone() for t in self.orient(B, A, g))
+        B = B.detach().to(acc).contiguous().clone()
+        A = A.detach().to(acc).contiguous().clone()
+        g = row_scale.detach().to(acc).contiguous().clone() if row_scale is not None else None
         patch = BasePatch(owner, B, A, g, None, weight.dtype)  # type: ignore[arg-type]
         try:
             with _weight_writes(weight):
@@ -651,8 +655,8 @@ class AdaptedLayer(nn.Module):
                 self.remerge(state)
             raise
         out = super()._apply(fn, recurse)
-        for p in patches:
-            self.patch_base(p.owner, p.B, p.A, p.row_scale)
+        for p in patches:  # their factors are in the stored layout already
+            self._patch(p.owner, p.B, p.A, p.row_scale)
         if state is not None:
             self.merge(state.names)
         return out
