@@ -58,7 +58,26 @@ from . import plugin  # noqa: E402
 
 # --- end plugin authors' module ---
 
+# ---- layer kinds ----
+# isort: split
+from .engine.host import AdaptedLayer  # noqa: E402
+from .engine.kinds import LayerKind  # noqa: E402
+from .engine.kinds.conv1d_hf import AdaptedConv1D  # noqa: E402
+from .registry import layer_kinds  # noqa: E402
+from .variant import Host, PlainLowRank  # noqa: E402
+
+# isort: split
+# ---- end layer kinds ----
+
 __all__ = [
+    # layer kinds
+    "AdaptedConv1D",
+    "AdaptedLayer",
+    "Host",
+    "LayerKind",
+    "PlainLowRank",
+    "layer_kinds",
+    # end layer kinds
     "AdaptedEmbedding",
     "AdaptedLinear",
     "AdapterFileError",

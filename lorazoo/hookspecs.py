@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from .engine.kinds import LayerKind
     from .variant import Variant
 
 PROJECT = "lorazoo"
@@ -32,4 +33,15 @@ class VariantSpec:
         """Return the :class:`lorazoo.Variant` subclasses this plugin provides.
 
         Each class must carry a unique, non-empty ``name``.
+        """
+
+
+class LayerKindSpec:
+    """Hooks a layer-kind plugin implements."""
+
+    @hookspec
+    def lorazoo_layer_kinds(self) -> list[LayerKind]:  # type: ignore[empty-body]
+        """Return the :class:`lorazoo.LayerKind` instances this plugin provides.
+
+        Each must carry a unique, non-empty ``name``.
         """

@@ -1,6 +1,6 @@
 """The plugin registry: a pluggy ``PluginManager`` fed from the ``lorazoo`` entry-point group.
 
-Built-in variants are ordinary plugins: they are found through the same entry points a third-party
+Built-in variants and layer kinds are ordinary plugins: they are found through the same entry points a third-party
 package declares. Plugins are loaded lazily, on the first lookup, and can also be registered
 in-process with :func:`register` (notebooks, tests).
 
@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from .errors import PluginError, PluginLoadWarning, UnknownVariantError, closest
-from .hookspecs import PROJECT, VariantSpec
+from .hookspecs import PROJECT, LayerKindSpec, VariantSpec
 from .variant import Variant, VariantConfig
 
 ENTRY_POINT_GROUP = "lorazoo"
@@ -34,6 +34,7 @@ _manager: pluggy.PluginManager | None = None
 _skipped: dict[str, str] = {}  # entry-point plugin label -> why it was skipped
 _in_process: set[str] = set()  # labels of plugins added by register()
 _table: dict[str, tuple[type[Variant], str]] | None = None  # name -> (class, plugin label)
+_kinds: dict[str, tuple[Any, str]] | None = None  # layer kind name -> (kind, plugin label)
 
 
 def _entry_points() -> list[metadata.EntryPoint]:
@@ -53,6 +54,7 @@ def _new_manager() -> tuple[pluggy.PluginManager, dict[str, str]]:
     ones skipped (each also warned about): a broken plugin must not take the others down."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(VariantSpec)
+    pm.add_hookspecs(LayerKindSpec)
     skipped: dict[str, str] = {}
     for ep in _entry_points():
         label = f"{ep.name} ({ep.value})"
@@ -215,6 +217,73 @@ def _build_table() -> dict[str, tuple[type[Variant], str]]:
     return table
 
 
+def _check_kind(kind: Any, label: str) -> Any:
+    from .engine.host import AdaptedLayer
+    from .engine.kinds import LayerKind
+
+    if isinstance(kind, type) and issubclass(kind, LayerKind):
+        kind = kind()
+    if not isinstance(kind, LayerKind):
+        raise PluginError(f"plugin {label!r} returned {kind!r}, which is not a lorazoo.LayerKind")
+    if not isinstance(kind.name, str) or not kind.name:
+        raise PluginError(f"layer kind {type(kind).__qualname__} from plugin {label!r} has no name")
+    host = getattr(kind, "host_class", None)
+    if not (isinstance(host, type) and issubclass(host, AdaptedLayer)):
+        raise PluginError(
+            f"layer kind {kind.name!r} from plugin {label!r}: host_class must subclass lorazoo.AdaptedLayer"
+        )
+    return kind
+
+
+def _build_kinds() -> dict[str, tuple[Any, str]]:
+    pm = manager()
+    table: dict[str, tuple[Any, str]] = {}
+    # pluggy lists implementations oldest first; kinds are looked up in that order
+    for impl in pm.hook.lorazoo_layer_kinds.get_hookimpls():
+        label = pm.get_name(impl.plugin) or repr(impl.plugin)
+        try:
+            provided = impl.function()
+        except Exception as exc:
+            warnings.warn(
+                f"lorazoo plugin {label!r} failed while listing its layer kinds and is skipped: "
+                f"{type(exc).__name__}: {exc}",
+                PluginLoadWarning,
+                stacklevel=3,
+            )
+            continue
+        for kind in provided or ():
+            kind = _check_kind(kind, label)
+            if kind.name in table:
+                other = table[kind.name][1]
+                raise PluginError(
+                    f"layer kind {kind.name!r} is registered twice: by plugin {other!r} and by "
+                    f"plugin {label!r}; uninstall one of them or give one kind another name"
+                )
+            table[kind.name] = (kind, label)
+    return table
+
+
+def layer_kinds() -> list[Any]:
+    """Every registered :class:`lorazoo.LayerKind`, in lookup order."""
+    global _kinds
+    with _lock:
+        if _kinds is None:
+            manager()
+            _kinds = _build_kinds()
+        return [k for k, _ in _kinds.values()]
+
+
+def layer_kind_named(name: str) -> Any:
+    """The registered layer kind called ``name``."""
+    for kind in layer_kinds():
+        if kind.name == name:
+            return kind
+    known = [k.name for k in layer_kinds()]
+    near = closest(str(name), known)
+    hint = f" Did you mean {near!r}?" if near else ""
+    raise PluginError(f"unknown layer kind {name!r}.{hint} Known layer kinds: {', '.join(known)}")
+
+
 def _lookup() -> dict[str, tuple[type[Variant], str]]:
     global _table
     with _lock:
@@ -264,25 +333,26 @@ def register(plugin: object, name: str | None = None) -> None:
     ``lorazoo_variants``), implements none, or lists something that is not a valid variant or a
     name another plugin already has.
     """
-    global _table
+    global _table, _kinds
     with _lock:
         pm = manager()
         label = name if name is not None else pm.get_canonical_name(plugin)
         _register_checked(pm, plugin, label)
         _in_process.add(label)
-        _table = None
+        _table = _kinds = None
         try:
             _lookup()
+            layer_kinds()
         except BaseException:
             pm.unregister(plugin)
             _in_process.discard(label)
-            _table = None
+            _table = _kinds = None
             raise
 
 
 def unregister(plugin: object) -> None:
     """Remove a plugin registered with :func:`register`."""
-    global _table
+    global _table, _kinds
     with _lock:
         pm = manager()
         label = pm.get_name(plugin)
@@ -290,13 +360,13 @@ def unregister(plugin: object) -> None:
             raise PluginError(f"{plugin!r} is not a registered lorazoo plugin; nothing was unregistered")
         pm.unregister(plugin)
         _in_process.discard(label)
-        _table = None
+        _table = _kinds = None
 
 
 def reload() -> None:
     """Forget loaded plugins; the next lookup reads the entry points again."""
-    global _manager, _table
+    global _manager, _table, _kinds
     with _lock:
         _manager = None
-        _table = None
+        _table = _kinds = None
         _in_process.clear()

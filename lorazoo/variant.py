@@ -22,11 +22,12 @@ Optional class-level hooks shape training (``param_groups``, ``extra_loss``, the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,6 @@ from .errors import ConfigError, closest
 
 if TYPE_CHECKING:
     from .claims import Claim
-    from .engine.layer import AdaptedLinear
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,9 +119,10 @@ class LayerInfo:
 
     ``weight`` is the live base weight (read it for data-aware initialisations such as OLoRA's
     QR; change it only through ``host.patch_base`` in :meth:`Variant.prepare_base`). ``kind``
-    is ``"linear"`` or ``"embedding"``; an embedding is seen as the linear map from one-hot rows
-    (``d_in = num_embeddings``, ``d_out = embedding_dim``), and ``weight`` is then a transposed
-    view of its table.
+    is the layer kind's ``adapts_as``, ``"linear"`` or ``"embedding"`` for the built-in kinds; an
+    embedding is seen as the linear map from one-hot rows (``d_in = num_embeddings``,
+    ``d_out = embedding_dim``), and ``weight`` is then a transposed view of its table (so is it
+    for transformers' ``Conv1D``, which stores ``d_in × d_out``).
     """
 
     path: str
@@ -171,6 +172,37 @@ class LowRank:
     row_scale: Tensor | None = None  # c, length d_out
 
 
+class PlainLowRank(NamedTuple):
+    """The factors of an adapter whose contribution is exactly ``s·B·A·drop(x)`` (what
+    :meth:`Variant.plain_lowrank` reports): the engine then computes it on its fast paths."""
+
+    A: Tensor  # r × d_in
+    B: Tensor  # d_out × r
+    scale: float
+    dropout: nn.Module
+
+
+class Host(Protocol):
+    """What a variant sees of the layer that carries it (the engine's
+    :class:`~lorazoo.engine.host.AdaptedLayer` and its per-kind subclasses).
+
+    ``weight`` is the base weight in the ``d_out × d_in`` layout the variant's factors use (for a
+    layer that stores it otherwise, a view of the stored tensor), ``bias`` the base bias or None.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    in_features: int
+    out_features: int
+    adapters: nn.ModuleDict
+    active: tuple[str, ...]
+    merged: Any
+
+    def patch_base(self, owner: str, B: Tensor, A: Tensor, row_scale: Tensor | None = None) -> None: ...
+
+    def check_unpatch(self, owner: str) -> None: ...
+
+
 # --------------------------------------------------------------------------------------------
 # The variant interface
 # --------------------------------------------------------------------------------------------
@@ -189,8 +221,10 @@ class Variant(nn.Module, ABC):
         recommended_lr: the AdamW learning rate this variant is known to train well with on
             small and mid-sized models (``lorazoo bench`` uses it unless told otherwise; scale it
             down for models of billions of parameters).
-        layer_kinds: the layer kinds it adapts, ``"linear"`` and (for additive variants whose
-            output is exactly their ``lowrank()`` product) ``"embedding"``. On an embedding the
+        layer_kinds: the layer kinds it adapts, by the name a layer kind adapts as:
+            ``"linear"`` (every kind that is a linear map: ``nn.Linear``, transformers'
+            ``Conv1D``, ...) and (for additive variants whose output is exactly their
+            ``lowrank()`` product) ``"embedding"``. On an embedding the
             engine computes ``s·Aᵀ[ids]·Bᵀ`` from ``lowrank()`` itself; ``forward`` and dropout
             are not used there.
         claims: the qualitative claims of the variant's paper, as :class:`lorazoo.claims.Claim`
@@ -227,10 +261,10 @@ class Variant(nn.Module, ABC):
         """
 
     @abstractmethod
-    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, host: Host) -> Tensor:
         """The contribution ``c_a(x)`` this adapter adds to the base output (unmerged path)."""
 
-    def output(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+    def output(self, x: Tensor, base_out: Tensor, host: Host) -> Tensor:
         """The layer's whole unmerged output, ``base_out + c_a(x)``.
 
         The engine calls this instead of :meth:`forward` when this adapter is the only one the
@@ -247,6 +281,13 @@ class Variant(nn.Module, ABC):
     @abstractmethod
     def num_trainable(cls, d_in: int, d_out: int, config: VariantConfig) -> int:
         """The trainable-parameter count of one adapted ``d_out × d_in`` layer."""
+
+    def plain_lowrank(self) -> PlainLowRank | None:
+        """The factors ``(A, B, scale, dropout)`` when this adapter's contribution is exactly
+        ``s·B·A·drop(x)``, else None (the default). An adapter that reports them lets the engine
+        compute its contribution itself (one fused ``addmm_`` into the base output, one shared
+        product over a routed batch) instead of calling :meth:`forward`."""
+        return None
 
     # ---- derived math ----------------------------------------------------------------------
 
@@ -303,7 +344,7 @@ class Variant(nn.Module, ABC):
         """
         return None
 
-    def prepare_base(self, host: AdaptedLinear, name: str) -> None:
+    def prepare_base(self, host: Host, name: str) -> None:
         """Prepare the base layer after the adapter ``name`` is built and attached (OLoRA
         rewrites ``W``; QLoRA would quantise it).
 
@@ -402,9 +443,39 @@ class LowRankAdapter(Variant):
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
         return F.linear(h, self.lora_B) * self.scale
 
-    def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, host: Host) -> Tensor:
         return self.lowrank_out(x)
+
+    def plain_lowrank(self) -> PlainLowRank | None:
+        if not fusable(type(self)):
+            return None
+        return PlainLowRank(self.lora_A, self.lora_B, self.scale, self.dropout)
 
     @classmethod
     def num_trainable(cls, d_in: int, d_out: int, config: VariantConfig) -> int:
         return config.r * (d_in + d_out)
+
+
+@functools.cache
+def fusable(cls: type) -> bool:
+    """True when adapters of ``cls`` report plain low-rank factors (:meth:`Variant.plain_lowrank`)
+    and so may take the engine's fused forward path.
+
+    The fused path computes ``y += s·(drop(x)·Aᵀ)·Bᵀ`` in one ``addmm_`` on the base output. For
+    :class:`LowRankAdapter` and its subclasses it is only valid while the contribution is exactly
+    that class's, so a subclass qualifies only by keeping its ``forward`` and ``lowrank_out``
+    untouched; overriding either (DoRA) selects the general path, and a subclass can also opt
+    out with ``fused_forward = False``. Another variant qualifies by overriding
+    :meth:`Variant.plain_lowrank`. The answer is cached per class (it is asked on every forward).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Variant)):
+        return False
+    if getattr(cls, "fused_forward", True) is False:
+        return False
+    if issubclass(cls, LowRankAdapter):
+        return (
+            cls.forward is LowRankAdapter.forward
+            and cls.lowrank_out is LowRankAdapter.lowrank_out
+            and cls.plain_lowrank is LowRankAdapter.plain_lowrank
+        ) or cls.plain_lowrank not in (LowRankAdapter.plain_lowrank, Variant.plain_lowrank)
+    return cls.plain_lowrank is not Variant.plain_lowrank

@@ -1,5 +1,6 @@
 """The one shared injection / routing / merge engine. It knows no variant by name."""
 
+from .host import AdaptedLayer
 from .inject import adapter_names, eject, hosts, inject, iter_adapters, plan
 from .layer import AdaptedEmbedding, AdaptedLinear
 from .merge import MergeReport, merge, merge_report, unmerge
@@ -18,6 +19,7 @@ from .training import (
 
 __all__ = [
     "AdaptedEmbedding",
+    "AdaptedLayer",
     "AdaptedLinear",
     "MergeReport",
     "TrainableCount",

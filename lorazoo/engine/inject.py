@@ -20,16 +20,18 @@ from ..errors import ConfigError, LorazooError, MergeError
 from ..variant import LayerInfo, Variant, VariantConfig
 from . import _interrupt
 from .distributed import local_view, refuse_sharded
-from .layer import AdaptedLinear, host_for, layer_dims, layer_kind
+from .host import AdaptedLayer
+from .kinds import kind_of, stored_weight
+from .layer import host_for
 from .targets import ALL_LINEAR, TargetSpec, resolve
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _FROZEN = "_lorazoo_frozen"  # model attribute: requires_grad of every parameter before injection
 
 
-def hosts(model: nn.Module) -> list[tuple[str, AdaptedLinear]]:
+def hosts(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
     """Every adapted layer of ``model`` with its path."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
 
 
 def _extent(t: torch.Tensor) -> tuple[int, int]:
@@ -55,11 +57,13 @@ def tied_elsewhere(model: nn.Module, pairs: Sequence[tuple[str, nn.Module]]) -> 
         by_storage.setdefault(key, []).append((name, _extent(p)))
     out = {}
     for path, layer in pairs:
-        w = layer.weight
+        w = stored_weight(layer)
         if w.device.type == "meta":
             continue
         w = local_view(w)
-        own = f"{path}.weight" if path else "weight"
+        kind = kind_of(layer)
+        wname = kind.host_class.weight_name if kind is not None else "weight"
+        own = f"{path}.{wname}" if path else wname
         lo, hi = _extent(w)
         others = [
             n
@@ -80,7 +84,7 @@ def adapter_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def adapters_named(model: nn.Module, name: str) -> list[tuple[str, AdaptedLinear, Variant]]:
+def adapters_named(model: nn.Module, name: str) -> list[tuple[str, AdaptedLayer, Variant]]:
     """``(path, host, adapter)`` for each layer that carries adapter ``name``."""
     found = [(p, h, h.adapters[name]) for p, h in hosts(model) if name in h.adapters]
     if not found:
@@ -109,7 +113,7 @@ def build_config(cls: type[Variant], config: VariantConfig | None, hyper: dict[s
 @dataclass
 class _Entry:
     path: str
-    host: AdaptedLinear
+    host: AdaptedLayer
     new_host: bool
     adapter: Variant
 
@@ -151,20 +155,22 @@ def plan(
     matches = resolve(model, targets)
     layers: list[LayerInfo] = []
     for path, module in matches:
-        if isinstance(module, AdaptedLinear) and module.merged is not None:
+        if isinstance(module, AdaptedLayer) and module.merged is not None:
             raise MergeError(f"layer {path!r} has merged adapters; unmerge before injecting more")
-        weight = module.weight
-        kind = layer_kind(module)
-        d_out, d_in = layer_dims(module)
+        kind = kind_of(module)
+        assert kind is not None  # resolve() checked it
+        weight = stored_weight(module)
+        d_out, d_in = kind.dims(module)
+        view = module.weight_view() if isinstance(module, AdaptedLayer) else kind.weight_view(weight)
         layers.append(
             LayerInfo(
                 path=path,
                 d_in=d_in,
                 d_out=d_out,
-                weight=weight.detach().t() if kind == "embedding" else weight.detach(),
+                weight=view.detach(),
                 has_bias=getattr(module, "bias", None) is not None,
                 adapter_dtype=dtype or default_adapter_dtype(weight.dtype),
-                kind=kind or "linear",
+                kind=kind.adapts_as,
             )
         )
     for layer in layers:
@@ -187,13 +193,13 @@ def plan(
     shared = cls.shared_state(cfg, layers)
     entries = []
     for (path, module), layer in zip(matches, layers, strict=False):
-        new = not isinstance(module, AdaptedLinear)
+        new = not isinstance(module, AdaptedLayer)
         host = host_for(module) if new else module
         entries.append(_Entry(path, host, new, cls(layer, cfg, shared)))
     return Plan(name, cls, cfg, entries, shared)
 
 
-def _restore_adapters(host: AdaptedLinear, items: list, active: tuple[str, ...]) -> None:
+def _restore_adapters(host: AdaptedLayer, items: list, active: tuple[str, ...]) -> None:
     """Put a host's adapters (in their order) and active set back as they were."""
     if list(host.adapters.items()) != items:
         for k in list(host.adapters):
@@ -270,19 +276,19 @@ def commit(
                 t.requires_grad_(False)
         for e in p.entries:
             if e.new_host:
-                e.host.weight.requires_grad_(False)
-                if e.host.bias is not None:
-                    e.host.bias.requires_grad_(False)
+                for k in e.host.base_tensors:
+                    t = e.host._parameters.get(k)
+                    if t is not None:
+                        t.requires_grad_(False)
                 original = model.get_submodule(e.path)
                 undo.append(lambda path=e.path, m=original: _set_child(model, path, m))
                 _set_child(model, e.path, e.host)
                 # The host holds the base tensors now; eject hands them back. The original module
                 # keeping them too would keep a whole copy alive once a wrapper replaces the host's
                 # (fully_shard swaps in row shards).
-                held = e.host.original._parameters
-                saved = {k: held[k] for k in ("weight", "bias") if k in held}
-                undo.append(lambda held=held, saved=saved: held.update(saved))
-                held.update(dict.fromkeys(saved))
+                for table, k in e.host.base_tensor_slots():
+                    undo.append(lambda table=table, k=k, t=table[k]: table.__setitem__(k, t))
+                    table[k] = None
         if extra is not None:
             extra(undo)
 
@@ -371,12 +377,10 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
                 host.merge(keep)
             if not host.adapters:
                 undo.append(lambda path=path, h=host: _set_child(model, path, h))
-                original = host.original
-                held = {k: original._parameters.get(k) for k in ("weight", "bias")}
-                undo.append(lambda o=original, held=held: o._parameters.update(held))
-                original.weight = host.weight
-                original.bias = host.bias
-                _set_child(model, path, original)
+                for table, k in host.base_tensor_slots():
+                    undo.append(lambda table=table, k=k, t=table[k]: table.__setitem__(k, t))
+                host.hand_back()
+                _set_child(model, path, host.original)
         _interrupt.checkpoint()
         if not hosts(model):
             flags = model.__dict__.pop(_FROZEN, {})

@@ -20,8 +20,8 @@ from torch import nn
 from ..errors import LorazooError, MergeError
 from . import _interrupt
 from .distributed import reshard
+from .host import AdaptedLayer
 from .inject import adapter_names, hosts, tied_elsewhere
-from .layer import AdaptedLinear
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class MergeReport:
         return self.bytes_held / max(1, self.elements)
 
 
-def refuse_ties(model: nn.Module, pairs: Sequence[tuple[str, AdaptedLinear]], what: str) -> None:
+def refuse_ties(model: nn.Module, pairs: Sequence[tuple[str, AdaptedLayer]], what: str) -> None:
     """Raise :class:`MergeError` naming the tie if any of ``pairs`` has a weight shared with
     another parameter of ``model``."""
     ties = tied_elsewhere(model, pairs)

@@ -2,12 +2,14 @@
 
 A target specification is one item or a list of items, each one of:
 
-* ``"all-linear"``: every ``nn.Linear`` except the output head;
+* ``"all-linear"``: every layer of a linear kind (``nn.Linear``, transformers' ``Conv1D``, any
+  registered kind with ``linear = True``) except the output head;
 * a module name, matched exactly or as a dotted suffix (``"q_proj"`` matches
   ``"model.layers.0.self_attn.q_proj"``);
 * a regular expression, as ``re.compile(...)`` or a string prefixed ``"re:"``, matched
   against the full dotted path (``re.fullmatch``);
-* a module class (``nn.Linear``, ``nn.Embedding``): every module of that type;
+* a module class (``nn.Linear``, ``nn.Embedding``): every module of that type (``nn.Linear``
+  means every layer of a linear kind, ``nn.Embedding`` every embedding, wrapped or not);
 * a callable ``(path, module) -> bool``.
 
 Every item must match at least one module; a typo fails loudly with the closest names.
@@ -21,7 +23,9 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from ..errors import TargetError, closest
-from .layer import AdaptedEmbedding, AdaptedLinear, is_linear, is_supported
+from .host import AdaptedLayer
+from .kinds import kind_of, kinds
+from .layer import is_linear, is_supported
 
 Target = str | re.Pattern | type | Callable[[str, nn.Module], bool]
 TargetSpec = Target | Sequence[Target]
@@ -39,7 +43,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
             head = None
         if isinstance(head, nn.Module):
             return head
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     for name, module in linears:
         if name.rsplit(".", 1)[-1] in _HEAD_NAMES:
             return module
@@ -84,7 +88,7 @@ def _matcher(item: Target, model: nn.Module) -> Callable[[str, nn.Module], bool]
         if cls is nn.Linear:
             return lambda n, m: is_linear(m)
         if cls is nn.Embedding:
-            return lambda n, m: isinstance(m, (nn.Embedding, AdaptedEmbedding))
+            return lambda n, m: _adapts_as(m) == "embedding"
         return lambda n, m: isinstance(m, cls)
     if callable(item):
         return item
@@ -105,7 +109,7 @@ def resolve(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Module]
             continue  # the root cannot be replaced in place
         if any(name.startswith(p) for p in inside_host):
             continue
-        if isinstance(module, AdaptedLinear):
+        if isinstance(module, AdaptedLayer):
             inside_host.append(name + ".")
         candidates.append((name, module))
 
@@ -120,12 +124,12 @@ def resolve(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Module]
 
     unsupported = [(n, m) for n, m in chosen.items() if not is_supported(m)]
     if unsupported:
-        listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:8])
+        listed = ", ".join(f"{n} ({_why_not(m)})" for n, m in unsupported[:8])
         more = f" and {len(unsupported) - 8} more" if len(unsupported) > 8 else ""
         raise TargetError(
             f"targets matched modules lorazoo cannot adapt: {listed}{more}. Supported layer types: "
-            "torch.nn.Linear and torch.nn.Embedding without max_norm (and subclasses that keep "
-            "their forward). Name the layers inside, e.g. 'q_proj', or use 'all-linear'."
+            f"{supported_labels()} (and subclasses that keep their forward). Name the layers "
+            "inside, e.g. 'q_proj', or use 'all-linear'."
         )
     order = {n: i for i, (n, _) in enumerate(candidates)}
     return sorted(chosen.items(), key=lambda nm: order[nm[0]])
@@ -144,6 +148,22 @@ def _nothing_matched(item: Target, candidates: list[tuple[str, nn.Module]]) -> s
         msg += f" Layers lorazoo can adapt in this model (by last name): {', '.join(linear[:30])}"
         msg += " ..." if len(linear) > 30 else ""
     else:
-        msg += " The model has no nn.Linear or nn.Embedding layer lorazoo can adapt."
+        msg += f" The model has no layer lorazoo can adapt ({supported_labels()})."
     sample = ", ".join(names[:12])
     return msg + f". Module names start: {sample}" + (" ..." if len(names) > 12 else "")
+
+
+def _adapts_as(module: nn.Module) -> str | None:
+    kind = kind_of(module)
+    return kind.adapts_as if kind is not None else None
+
+
+def _why_not(module: nn.Module) -> str:
+    kind = kind_of(module)
+    why = kind.refusal(module) if kind is not None else None
+    return f"{type(module).__name__}: {why}" if why else type(module).__name__
+
+
+def supported_labels() -> str:
+    """The registered layer kinds, as messages name them."""
+    return ", ".join(k.label or k.name for k in kinds())

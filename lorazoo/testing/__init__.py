@@ -4,6 +4,8 @@ exposed so a third-party plugin can run it on its own variant::
     import lorazoo.testing
     lorazoo.testing.run_conformance("my_variant")
 
+A third-party layer kind runs its checks with ``lorazoo.testing.run_kind_conformance("my_kind")``.
+
 Requires hypothesis (``pip install lorazoo[test]``).
 """
 
@@ -13,12 +15,15 @@ from .conformance import (
     MERGE_BYTES,
     STATS,
     Case,
+    KindLayers,
     Layers,
     adapt,
     build,
     cases,
+    check_kind,
     perturb,
     run_conformance,
+    run_kind_conformance,
 )
 from .tolerance import accumulation_roundoff, magnitude, merge_tolerance, unit_roundoff
 
@@ -26,6 +31,7 @@ __all__ = [
     "CHECKS",
     "CHECK_DTYPES",
     "Case",
+    "KindLayers",
     "Layers",
     "MERGE_BYTES",
     "STATS",
@@ -37,5 +43,7 @@ __all__ = [
     "merge_tolerance",
     "perturb",
     "run_conformance",
+    "run_kind_conformance",
+    "check_kind",
     "unit_roundoff",
 ]

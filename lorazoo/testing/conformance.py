@@ -2,8 +2,8 @@
 variant, and a third-party plugin runs them on its own with :func:`run_conformance`.
 
 Each ``check_*`` takes a variant name and a :class:`Case` (shapes, rank, alpha, dtype, batch,
-seed), builds a small model of independent ``nn.Linear`` layers (``nn.Embedding`` tables for
-the embedding check), and raises ``AssertionError``
+seed), builds a small model of independent ``nn.Linear`` layers (layers of each registered layer
+kind, from the kind's ``example``, for :func:`check_kind`), and raises ``AssertionError``
 with the offending figures when the variant breaks an invariant of docs/spec/variants.md §12. The checks
 use only the public API and a variant's declared math (``lowrank``, ``num_trainable``,
 ``exact_at_init``), so they apply to any plugin unchanged.
@@ -27,9 +27,11 @@ from torch import Tensor, nn
 
 import lorazoo
 
+from .. import registry
 from ..engine.exact import acc_dtype
+from ..engine.host import AdaptedLayer
 from ..engine.inject import hosts, iter_adapters
-from ..engine.layer import AdaptedLinear
+from ..engine.kinds import LayerKind
 from ..variant import LowRank
 from .tolerance import (
     RHO,
@@ -146,7 +148,7 @@ def perturb(model: nn.Module, seed: int, name: str | None = None) -> None:
             p.add_((torch.randn(p.shape, generator=g) * scale).to(p))
 
 
-def _layer_hosts(model: nn.Module) -> list[AdaptedLinear]:
+def _layer_hosts(model: nn.Module) -> list[AdaptedLayer]:
     return [h for _, h in hosts(model)]
 
 
@@ -172,7 +174,7 @@ def _assert_bitwise(before: dict[str, Tensor], model: nn.Module, what: str) -> N
         )
 
 
-def _lowranks(host: AdaptedLinear, names: Sequence[str]) -> list[LowRank]:
+def _lowranks(host: AdaptedLayer, names: Sequence[str]) -> list[LowRank]:
     w = host.weight.detach()
     return [host.adapters[n].lowrank(w) for n in names]
 
@@ -181,7 +183,7 @@ def _check_close(
     got: Tensor,
     ref: Tensor,
     x: Tensor,
-    host: AdaptedLinear,
+    host: AdaptedLayer,
     lowranks: Sequence[LowRank],
     what: str,
     weight: Tensor | None = None,
@@ -264,7 +266,7 @@ def check_perturbed_differs(variant: str, case: Case) -> None:
         )
 
 
-def _exact_effect(x: Tensor, host: AdaptedLinear, original: Tensor) -> Tensor:
+def _exact_effect(x: Tensor, host: AdaptedLayer, original: Tensor) -> Tensor:
     """How far the adapted layer's output moves from the original base's, in fp64: the active
     adapters' ``ΔW x`` (from their low-rank form) plus any rewrite of the base (OLoRA)."""
     w = host.weight.detach().double()
@@ -280,7 +282,7 @@ def _exact_effect(x: Tensor, host: AdaptedLinear, original: Tensor) -> Tensor:
     return out
 
 
-def _adapter_magnitude(x: Tensor, host: AdaptedLinear) -> Tensor:
+def _adapter_magnitude(x: Tensor, host: AdaptedLayer) -> Tensor:
     """``Σ_a |c_a|·|s_a|·|B_a|·|A_a|·|x| + |c_a − 1|·|W|·|x|`` in fp64: a bound on what the active
     adapters can add to the output for input ``x``."""
     ax = x.detach().double().abs()
@@ -317,7 +319,7 @@ def check_merge_equivalence(variant: str, case: Case) -> float:
     return worst
 
 
-def _wide_bound(host: AdaptedLinear, lowranks: Sequence[LowRank], weight: Tensor) -> int:
+def _wide_bound(host: AdaptedLayer, lowranks: Sequence[LowRank], weight: Tensor) -> int:
     """How many elements may legitimately need a full bit pattern to unmerge exactly: those
     whose rounding error through merge and undo can exceed 127 units in the last place of the
     original (the original is tiny next to its update, or zero)."""
@@ -571,81 +573,153 @@ class Tables(nn.Module):
         return [table(t) for table, t in zip(self.tables, ids, strict=True)]
 
 
-def check_embedding(variant: str, case: Case) -> None:
-    """12. Embedding tables. A variant whose ``layer_kinds`` include ``"embedding"``: output at
-    injection equal to the base (bit for bit with ``exact_at_init``), merged within τ of
-    unmerged (the bound of the one-hot linear map the table is), merge → unmerge and
-    merge → eject bit-exact, save → load bit-exact. Any other variant: injection is refused
-    with a ``ConfigError`` and the model unchanged."""
-    torch.manual_seed(case.seed)
-    model = Tables(case.shapes, case.dtype).to(case.device)
+class KindLayers(nn.Module):
+    """Independent layers of one layer kind, built by the kind's ``example`` for each case shape
+    ``(d_in, d_out, bias)``; ``forward(xs)`` applies layer i to ``xs[i]``."""
+
+    def __init__(self, kind: LayerKind, shapes: Sequence[tuple[int, int, bool]], dtype: torch.dtype):
+        super().__init__()
+        self.layers = nn.ModuleList(kind.example(i, o, b, dtype) for i, o, b in shapes)
+
+    def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        return [layer(x) for layer, x in zip(self.layers, xs, strict=True)]
+
+
+def _kind_inputs(kind: LayerKind, model: KindLayers, case: Case) -> list[Tensor]:
     g = torch.Generator().manual_seed(case.seed + 1)
-    ids = [torch.randint(0, i, case.batch, generator=g).to(case.device) for i, _, _ in case.shapes]
-    originals = list(model.tables)
+    out = []
+    for m in model.layers:
+        x = kind.example_input(m, case.batch, g)
+        out.append((x.to(case.dtype) if x.is_floating_point() else x).to(case.device))
+    return out
+
+
+def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
+    """12. One layer kind (every registered kind runs it; ``nn.Linear`` is also what every other
+    check uses). A variant that adapts the kind (its ``layer_kinds`` hold the kind's
+    ``adapts_as``): output at injection equal to the base (bit for bit with ``exact_at_init``),
+    each layer's unmerged output within τ of the reference ``x·(W + ΔW)ᵀ + b`` computed from the
+    kind's ``d_out × d_in`` weight view (the bound of the linear map the layer is: one-hot rows
+    for an embedding), merged within τ of unmerged, merge → unmerge and merge → eject bit-exact
+    (eject puts the original modules back), save → load bit-exact. Any other variant: injection
+    is refused with a ``ConfigError`` and the model unchanged."""
+    if isinstance(kind, str):
+        kind = registry.layer_kind_named(kind)
+    torch.manual_seed(case.seed)
+    model = KindLayers(kind, case.shapes, case.dtype).to(case.device)
+    xs = _kind_inputs(kind, model, case)
+    originals = list(model.layers)
     fresh = copy.deepcopy(model)
     before = _snapshot(model)
     cls = lorazoo.variant(variant)
     hyper = {"r": case.r, "alpha": case.alpha, **cls.example_config, **case.extra}
-    if "embedding" not in cls.layer_kinds:
+    originals_ids = {id(m) for m in originals}
+
+    def targets(path: str, m: nn.Module) -> bool:
+        return id(m) in originals_ids or (isinstance(m, AdaptedLayer) and m.kind is kind)
+
+    what = f"{kind.name} layers"
+    if kind.adapts_as not in cls.layer_kinds:
         try:
-            lorazoo.inject(model, variant, targets=[nn.Embedding], **hyper)
+            lorazoo.inject(model, variant, targets=targets, **hyper)
         except lorazoo.ConfigError:
-            _assert_bitwise(before, model, "refused embedding injection")
-            assert all(m is o for m, o in zip(model.tables, originals, strict=True)), "a table was replaced"
+            _assert_bitwise(before, model, f"refused injection into {what}")
+            assert all(m is o for m, o in zip(model.layers, originals, strict=True)), "a layer was replaced"
             return
-        raise AssertionError(f"{variant!r} does not list 'embedding' in layer_kinds, yet adapted one")
+        raise AssertionError(
+            f"{variant!r} does not list {kind.adapts_as!r} in layer_kinds, yet adapted {what}"
+        )
     model.eval()
     with torch.no_grad():
-        base = model(ids)
-        lorazoo.inject(model, variant, targets=[nn.Embedding], **hyper)
-        at_init = model(ids)
+        base = model(xs)
+        lorazoo.inject(model, variant, targets=targets, **hyper)
+        at_init = model(xs)
     hs = _layer_hosts(model)
-    assert all(isinstance(h, lorazoo.AdaptedEmbedding) for h in hs), "tables not wrapped as embeddings"
+    assert len(hs) == len(originals) and all(h.kind is kind for h in hs), f"{what} not wrapped by their kind"
+    injected = _snapshot(model)  # a variant may rewrite the base (OLoRA) until eject
 
-    def tolerance(i: int, weight: Tensor) -> Tensor:
-        onehot = torch.nn.functional.one_hot(ids[i], weight.shape[0]).to(weight.dtype)
-        lrs = [hs[i].adapters[n].lowrank(weight.t()) for n in hs[i].active]
-        return merge_tolerance(onehot, weight.t(), None, lrs, weight.dtype)
+    def tolerance(i: int, view: Tensor, bias: Tensor | None) -> Tensor:
+        xd = kind.dense_input(originals[i], xs[i]).to(view.dtype)
+        lrs = [hs[i].adapters[n].lowrank(view) for n in hs[i].active]
+        return merge_tolerance(xd, view, bias, lrs, view.dtype)
 
     for i, (y, y0) in enumerate(zip(at_init, base, strict=True)):
         if cls.exact_at_init:
-            assert torch.equal(_bits(y), _bits(y0)), f"table {i}: output differs from the base at init"
+            assert torch.equal(_bits(y), _bits(y0)), f"{what} {i}: output differs from the base at init"
         else:
-            assert bool(((y.double() - y0.double()).abs() <= tolerance(i, hs[i].weight)).all()), (
-                f"table {i} at init"
-            )
+            tau = tolerance(i, hs[i].weight_view().detach(), hs[i].bias)
+            assert bool(((y.double() - y0.double()).abs() <= tau).all()), f"{what} {i} at init"
     perturb(model, case.seed)
-    weights = [h.weight.detach().clone() for h in hs]
+    views = [h.weight_view().detach().clone() for h in hs]
     with torch.no_grad():
-        unmerged = model(ids)
-        assert any(not torch.equal(y, y0) for y, y0 in zip(unmerged, base, strict=True)), (
-            "perturbed embedding adapters had no effect"
-        )
+        unmerged = model(xs)
+        for i, (y, y0) in enumerate(zip(unmerged, base, strict=True)):
+            if not torch.equal(y, y0):
+                continue
+            # As in check 2: legitimate only for an effect hidden by the output's rounding.
+            w64 = views[i].double()
+            delta = (
+                kind.dense_input(originals[i], xs[i]).double()
+                @ sum(hs[i].adapters[n].delta_weight(w64) for n in hs[i].active).t()
+            )
+            assert float(delta.abs().max()) > 0, f"{what} {i}: perturbed adapter has no effect"
+            u_s = unit_roundoff(case.dtype)
+            eta = RHO * smallest_subnormal(case.dtype)
+            assert bool((delta.abs() <= 2 * u_s * y0.double().abs() + eta).all()), (
+                f"{what} {i}: the adapter's effect (up to {float(delta.abs().max()):.3g}) is larger "
+                "than the output's rounding, yet no output differs from the base"
+            )
+        for i, h in enumerate(hs):
+            view = views[i].to(acc_dtype(views[i].dtype))
+            w_merged = view + sum(h.adapters[n].delta_weight(views[i]) for n in h.active)
+            xd = kind.dense_input(originals[i], xs[i]).to(view.dtype)
+            ref = xd @ w_merged.t()
+            if h.bias is not None:
+                ref = ref + h.bias.to(ref.dtype)
+            diff = (unmerged[i].double() - ref.double()).abs()
+            tau = tolerance(i, views[i], h.bias)
+            assert bool((diff <= tau).all()), (
+                f"{what} {i} unmerged vs x·(W + ΔW)ᵀ + b: worst |Δ| = {float(diff.max()):.3g}, "
+                f"τ there = {float(tau.flatten()[int(diff.flatten().argmax())]):.3g}"
+            )
         lorazoo.merge(model)
-        merged = model(ids)
+        merged = model(xs)
     for i, (ym, yu) in enumerate(zip(merged, unmerged, strict=True)):
         diff = (ym.double() - yu.double()).abs()
-        tau = tolerance(i, weights[i])
+        tau = tolerance(i, views[i], hs[i].bias)
         assert bool((diff <= tau).all()), (
-            f"table {i} merged vs unmerged: worst |Δ| = {float(diff.max()):.3g}, "
+            f"{what} {i} merged vs unmerged: worst |Δ| = {float(diff.max()):.3g}, "
             f"τ there = {float(tau.flatten()[int(diff.flatten().argmax())]):.3g}"
         )
     lorazoo.unmerge(model)
-    _assert_bitwise(before, model, "embedding merge → unmerge")
+    _assert_bitwise(injected, model, f"{what}: merge → unmerge")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "adapter.safetensors"
         lorazoo.save(model, path)
         lorazoo.load(fresh, path)
     fresh.eval()
     with torch.no_grad():
-        for i, (y1, y2) in enumerate(zip(unmerged, fresh(ids), strict=True)):
-            assert torch.equal(_bits(y1), _bits(y2)), f"table {i}: forward differs after save → load"
+        for i, (y1, y2) in enumerate(zip(unmerged, fresh(xs), strict=True)):
+            assert torch.equal(_bits(y1), _bits(y2)), f"{what} {i}: forward differs after save → load"
     lorazoo.merge(model)
     lorazoo.eject(model)
-    assert all(m is o for m, o in zip(model.tables, originals, strict=True)), (
-        "eject did not restore the tables"
+    assert all(m is o for m, o in zip(model.layers, originals, strict=True)), (
+        f"eject did not restore the {what}"
     )
-    _assert_bitwise(before, model, "embedding merge → eject")
+    _assert_bitwise(before, model, f"{what}: merge → eject")
+
+
+def check_kinds(variant: str, case: Case) -> None:
+    """:func:`check_kind` for every registered layer kind except ``"linear"`` (which every other
+    check exercises); a kind whose example needs a package that is not installed is skipped."""
+    for kind in registry.layer_kinds():
+        if kind.name == "linear":
+            continue
+        try:
+            kind.example(2, 2, True, torch.float32)
+        except ImportError:
+            continue
+        check_kind(variant, case, kind)
 
 
 def check_routing(variant: str, case: Case) -> None:
@@ -698,7 +772,7 @@ CHECKS: dict[str, Callable[[str, Case], Any]] = {
     "dropout": check_dropout,
     "delta_consistency": check_delta_consistency,
     "gradients": check_gradients,
-    "embedding": check_embedding,
+    "kinds": check_kinds,
     "routing": check_routing,
 }
 
@@ -707,7 +781,7 @@ CHECK_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "unmerge_exact": (torch.float32, torch.bfloat16, torch.float16),
     "eject_exact": (torch.float32, torch.bfloat16, torch.float16),
     "merge_equivalence": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
-    "embedding": (torch.float32, torch.bfloat16, torch.float16),
+    "kinds": (torch.float32, torch.bfloat16, torch.float16),
 }
 
 
@@ -728,6 +802,35 @@ def run_conformance(
     lorazoo.variant(variant)  # a clear error for an unknown name
     for name in checks or CHECKS:
         _property(variant, CHECKS[name], name, max_examples, device, case_extra)()
+
+
+def run_kind_conformance(
+    kind: str,
+    variants: Sequence[str] | None = None,
+    max_examples: int = 25,
+    device: str = "cpu",
+) -> None:
+    """Run :func:`check_kind` for the registered layer kind ``kind`` with every registered
+    variant (or ``variants``) under hypothesis. A third-party layer kind's test suite calls::
+
+        def test_my_kind_conforms():
+            lorazoo.testing.run_kind_conformance("my_kind")
+    """
+    layer_kind = registry.layer_kind_named(kind)
+    for variant in variants or lorazoo.variants():
+        lorazoo.variant(variant)
+        _kind_property(variant, layer_kind, max_examples, device)()
+
+
+def _kind_property(variant: str, kind: LayerKind, max_examples: int, device: str) -> Callable[[], None]:
+    strategy = cases(dtypes=CHECK_DTYPES["kinds"]).map(lambda c: c.with_(device=device))
+
+    @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def prop(case: Case) -> None:
+        check_kind(variant, case, kind)
+
+    return prop
 
 
 def _property(
@@ -755,7 +858,10 @@ __all__ = [
     "Case",
     "Layers",
     "STATS",
+    "KindLayers",
     "Tables",
+    "check_kind",
+    "run_kind_conformance",
     "MERGE_BYTES",
     "accumulation_roundoff",
     "adapt",
