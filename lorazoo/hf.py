@@ -146,11 +146,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for path, host in hosts(model):
             _interrupt.checkpoint()
             original = host.original
-            held = {k: original._parameters.get(k) for k in ("weight", "bias")}
-            undo.append(lambda o=original, held=held: o._parameters.update(held))
+            held = [(table, k, table[k]) for table, k in host.base_tensor_slots()]
+            undo.append(lambda held=held: [table.__setitem__(k, t) for table, k, t in held])
             undo.append(lambda path=path, h=host: _set_child(model, path, h))
-            original.weight = host.weight
-            original.bias = host.bias
+            host.hand_back()  # the kind knows its tensors (a Conv1D's weight is stored transposed)
             _set_child(model, path, original)
         for path, wrapper in trained.wrappers(model):
             _interrupt.checkpoint()

@@ -1,8 +1,8 @@
 """The plugin registry: a pluggy ``PluginManager`` fed from the ``lorazoo`` entry-point group.
 
-Built-in variants and layer kinds are ordinary plugins: they are found through the same entry points a third-party
-package declares. Plugins are loaded lazily, on the first lookup, and can also be registered
-in-process with :func:`register` (notebooks, tests).
+Built-in variants and layer kinds are ordinary plugins: they are found through the same entry
+points a third-party package declares. Plugins are loaded lazily, on the first lookup, and can
+also be registered in-process with :func:`register` (notebooks, tests).
 
 A broken installed plugin never takes the others down. One that fails to import, implements a
 hook lorazoo does not define (a misspelled ``lorazoo_variants``: pluggy alone would ignore it),

@@ -179,7 +179,7 @@ def test_misspelled_hook_in_installed_plugin_is_reported_not_ignored(site):
     msg = str(record[0].message)
     assert "'halflora (typo_pkg.plugin)'" in msg
     assert "implements 'lorazoo_variant' (did you mean 'lorazoo_variants'?)" in msg
-    assert "Known hooks: lorazoo_variants" in msg
+    assert "Known hooks: lorazoo_layer_kinds(), lorazoo_variants()" in msg
     assert "halflora" not in names
     with pytest.raises(
         lorazoo.UnknownVariantError, match="would provide it was skipped: implements 'lorazoo_variant'"
