@@ -57,7 +57,7 @@ MODULES = "__modules__"  # lorazoo's key prefix of whole trained modules (module
 PEFT_VERSION = "0.21.2"  # the PEFT release the files written here are checked against
 
 # Variants whose files PEFT can express, and how (see save_peft).
-EXPORTABLE = ("lora", "rslora", "loraplus", "dora", "olora", "vera")
+EXPORTABLE = ("lora", "rslora", "loraplus", "dora", "olora", "vera", "adalora")
 
 # LoRA initialisations that leave the base weights alone; every other one rewrites them.
 _PLAIN_INITS = (True, False, "gaussian")
@@ -154,10 +154,14 @@ def _refuse_unsupported(where: str, cfg: dict[str, Any]) -> None:
             f"{where}: bias={bias!r} trains the base layers' biases, which a lorazoo adapter does not "
             "hold; only PEFT adapters with bias='none' are read"
         )
-    if cfg.get("fan_in_fan_out"):
+    # fan_in_fan_out=true (transformers' Conv1D, which stores its weight in × out) changes only
+    # how PEFT adds B·A to the stored weight: its factors are in the linear layout either way, as
+    # lorazoo's are on a Conv1D (whose weight variants see as out × in). PEFT itself resets the
+    # flag per layer to what the layer is, so the value is not needed here. VeRA is not read so.
+    if cfg.get("fan_in_fan_out") and cfg.get("peft_type") == "VERA":
         raise AdapterFileError(
-            f"{where}: fan_in_fan_out=true (weights stored transposed, as transformers' Conv1D) is "
-            "not read: lorazoo maps PEFT adapters onto nn.Linear and nn.Embedding layers"
+            f"{where}: fan_in_fan_out=true on a VeRA adapter (transformers' Conv1D layers) is not "
+            "read; lorazoo reads PEFT's LoRA, rsLoRA, DoRA and AdaLoRA folders on Conv1D"
         )
     for key in _FEATURES:
         value = cfg.get(key)
@@ -313,6 +317,100 @@ def _vera_doc(
     return {"variant": "vera", "config": config, "modules": modules}, tensors
 
 
+def _rank_pattern_paths(where: str, pattern: Any) -> dict[str, list[bool]]:
+    """AdaLoRA's ``rank_pattern`` (``{"<p>.lora_E[.<adapter>]": [kept?, ...]}``, written by its
+    final mask) as ``{<p>: [kept?, ...]}``."""
+    if not isinstance(pattern, dict):
+        raise AdapterFileError(
+            f"{where}: rank_pattern must map modules to lists of booleans, got {pattern!r}"
+        )
+    out: dict[str, list[bool]] = {}
+    for key, kept in pattern.items():
+        m = re.fullmatch(r"(.+)\.lora_E(\.[^.]+)?", _strip(str(key)))
+        if m is None or not isinstance(kept, list) or not all(isinstance(k, bool) for k in kept):
+            raise AdapterFileError(
+                f"{where}: rank_pattern entry {key!r}: {kept!r} is not AdaLoRA's form (a module's "
+                "'<path>.lora_E' mapped to a list of booleans, one per initial rank)"
+            )
+        out[m.group(1)] = kept
+    return out
+
+
+def _adalora_doc(where: str, cfg: dict[str, Any], raw: dict[str, Tensor]) -> tuple[dict, dict]:
+    """PEFT's AdaLoRA: ``lora_A`` (``k × d_in``), ``lora_E`` (``k × 1``), ``lora_B`` (``d_out × k``)
+    per module, with ``k = init_r`` before the final mask and the kept count after it (PEFT then
+    cuts the tensors by ``rank_pattern`` when saving). lorazoo's AdaLoRA holds the same tensors,
+    the same scale ``lora_alpha / (init_r + 1e-5)``, and records each layer's kept rank."""
+    if cfg.get("init_lora_weights", True) not in _PLAIN_INITS:
+        raise AdapterFileError(f"{where}: init_lora_weights={cfg['init_lora_weights']!r} is not read")
+    for key in ("use_dora", "use_rslora"):
+        if cfg.get(key):
+            raise AdapterFileError(f"{where}: {key}=true on an AdaLoRA adapter has no lorazoo form")
+    if cfg.get("alpha_pattern"):
+        raise AdapterFileError(
+            f"{where}: alpha_pattern {cfg['alpha_pattern']!r} gives AdaLoRA modules their own alpha; "
+            "one lorazoo adapter has one config, so it is not read"
+        )
+    init_r = cfg.get("init_r", 12)
+    if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 1:
+        raise AdapterFileError(f"{where}: init_r must be a positive integer, got {init_r!r}")
+    pattern = _rank_pattern_paths(where, cfg.get("rank_pattern") or {})
+    parts = {"lora_A": "A", "lora_E": "E", "lora_B": "B"}
+    found: dict[str, dict[str, Tensor]] = {}
+    for key, t in raw.items():
+        path, part = _split(where, _strip(key), parts)
+        found.setdefault(path, {})[parts[part]] = t
+    if not found:
+        raise AdapterFileError(f"{where}: the folder holds no AdaLoRA tensors")
+    unknown = sorted(set(pattern) - set(found))
+    if unknown:
+        raise AdapterFileError(
+            f"{where}: rank_pattern names {unknown[:4]}, which the file holds no tensors for"
+        )
+    tensors: dict[str, Tensor] = {}
+    modules: dict[str, Any] = {}
+    for path, t in found.items():
+        if set(t) != {"A", "E", "B"}:
+            raise AdapterFileError(f"{where}: module {path!r} lacks one of lora_A, lora_E, lora_B")
+        a, e, b = t["A"], t["E"], t["B"]
+        k = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or tuple(e.shape) != (k, 1) or b.shape[1] != k or k > init_r:
+            raise AdapterFileError(
+                f"{where}: module {path!r} has lora_A {tuple(a.shape)}, lora_E {tuple(e.shape)}, "
+                f"lora_B {tuple(b.shape)}; AdaLoRA's are k × d_in, k × 1 and d_out × k with "
+                f"k <= init_r={init_r}"
+            )
+        kept = pattern.get(path)
+        if kept is not None and (len(kept) != init_r or k not in (sum(kept), init_r)):
+            raise AdapterFileError(
+                f"{where}: module {path!r} keeps {sum(kept)} of {len(kept)} ranks by rank_pattern, "
+                f"but its tensors have rank {k} (init_r={init_r})"
+            )
+        if kept is not None and k == init_r and sum(kept) < init_r:
+            # tensors saved uncut: keep the pattern's rows, as PEFT's load does
+            idx = torch.tensor([i for i, keep in enumerate(kept) if keep], dtype=torch.long)
+            a, e, b = a.index_select(0, idx), e.index_select(0, idx), b.index_select(1, idx)
+            k = int(idx.numel())
+        tensors[f"{path}.lora_A"], tensors[f"{path}.lora_E"], tensors[f"{path}.lora_B"] = a, e, b
+        modules[path] = {"d_out": int(b.shape[0]), "d_in": int(a.shape[1]), "kind": "linear"}
+        modules[path]["adalora_rank"] = int(k)
+    config: dict[str, Any] = {
+        "r": init_r,
+        "alpha": float(cfg.get("lora_alpha", 8)),
+        "dropout": float(cfg.get("lora_dropout", 0.0)),
+        "target_r": cfg.get("target_r", 8),
+        "t_init": cfg.get("tinit", 0),
+        "t_final": cfg.get("tfinal", 0),
+        "delta_t": cfg.get("deltaT", 1),
+        "beta1": cfg.get("beta1", 0.85),
+        "beta2": cfg.get("beta2", 0.85),
+        "orth_reg_weight": cfg.get("orth_reg_weight", 0.5),
+        "orth_reg_form": "peft",
+        "total_steps": cfg.get("total_step"),
+    }
+    return {"variant": "adalora", "config": config, "modules": modules}, tensors
+
+
 def _base_weights(where: str, raw: dict[str, Tensor], model: nn.Module | None) -> list[str]:
     """Remove the base-layer weights PEFT stores beside an embedding adapter
     (``save_embedding_layers``) from ``raw``; with a model, check they equal its own (lorazoo
@@ -381,10 +479,10 @@ def read_peft(
     where = repr(str(folder))
     cfg = read_config(folder)
     peft_type = cfg.get("peft_type")
-    if peft_type not in ("LORA", "VERA"):
+    if peft_type not in ("LORA", "VERA", "ADALORA"):
         raise AdapterFileError(
             f"{where}: peft_type={peft_type!r} is not read; lorazoo reads PEFT's LORA (with use_rslora "
-            "or use_dora) and VERA adapters"
+            "or use_dora), ADALORA and VERA adapters"
         )
     _refuse_unsupported(where, cfg)
     raw = read_tensors(folder)
@@ -393,6 +491,8 @@ def read_peft(
     try:
         if peft_type == "LORA":
             doc, tensors = _lora_doc(where, cfg, raw)
+        elif peft_type == "ADALORA":
+            doc, tensors = _adalora_doc(where, cfg, raw)
         else:
             doc, tensors = _vera_doc(where, cfg, raw, model, partial)
     except (TypeError, ValueError, AttributeError, re.error) as exc:
@@ -509,8 +609,11 @@ def _peft_files(
             paths,
             use_rslora=rslora,
             use_dora=dora,
+            fan_in_fan_out=_fan_in_fan_out(modules),
         )
         return cfg, {k: v.contiguous() for k, v in out.items()}
+    if variant == "adalora":
+        return _adalora_files(config, modules, tensors)
     if variant == "vera":
         for p in paths:
             if modules[p].get("kind", "linear") != "linear":
@@ -555,6 +658,57 @@ def _peft_files(
     )
 
 
+def _fan_in_fan_out(modules: dict[str, Any]) -> bool:
+    # PEFT's flag for layers storing their weight in × out (transformers' Conv1D). PEFT sets it
+    # per layer to what the layer is whatever the file says (with a warning when they differ),
+    # so a file adapting both kinds works either way; lorazoo writes true when any layer is one.
+    return any(info.get("transposed", False) for info in modules.values())
+
+
+def _adalora_files(
+    config: dict[str, Any], modules: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """PEFT's AdaLoRA folder: the same three tensors per layer; a layer cut to its kept rank
+    ``k < init_r`` gets a ``rank_pattern`` entry keeping its first ``k`` triplets, which makes
+    PEFT cut its fresh layer to ``k`` before it loads the tensors (the scale stays
+    ``lora_alpha / (init_r + 1e-5)`` on both sides)."""
+    r = int(config["r"])
+    out: dict[str, Tensor] = {}
+    pattern: dict[str, list[bool]] = {}
+    for p in sorted(modules):
+        info = modules[p]
+        if info.get("kind", "linear") != "linear":
+            raise LorazooError(f"AdaLoRA on the {info['kind']} layer {p!r} has no PEFT form")
+        for key in ("lora_A", "lora_E", "lora_B"):
+            out[f"{PREFIX}{p}.{key}"] = tensors[f"{p}.{key}"]
+        k = int(tensors[f"{p}.lora_A"].shape[0])
+        if k < r:
+            pattern[f"{p}.lora_E"] = [i < k for i in range(r)]
+    target_r = config.get("target_r")
+    total = config.get("total_steps")
+    t_init, t_final = int(config.get("t_init", 0)), int(config.get("t_final", 0))
+    cfg = _lora_config(
+        8,  # PEFT's AdaLoRA ignores r (init_r is its rank)
+        _alpha(config["alpha"]),
+        float(config.get("dropout", 0.0)),
+        sorted(modules),
+        peft_type="ADALORA",
+        fan_in_fan_out=_fan_in_fan_out(modules),
+        init_r=r,
+        target_r=int(target_r) if target_r is not None else max(1, (2 * r) // 3),
+        tinit=t_init,
+        tfinal=t_final,
+        deltaT=int(config.get("delta_t", 1)),
+        beta1=float(config.get("beta1", 0.85)),
+        beta2=float(config.get("beta2", 0.85)),
+        orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+        # PEFT requires a training length; a config without one gets the shortest valid one
+        total_step=int(total) if total is not None else t_init + t_final + 1,
+        rank_pattern=pattern or None,
+    )
+    return cfg, {k: v.contiguous() for k, v in out.items()}
+
+
 @torch.no_grad()
 def _olora_as_lora(
     entries: list, name: str, saved: dict[str, list[str]], saved_tensors: dict[str, Tensor]
@@ -577,7 +731,7 @@ def _olora_as_lora(
         B0, A0 = a.initial_factors
         tensors[f"{path}.lora_A"] = torch.cat([a.lora_A.detach(), A0.to(a.lora_A)], dim=0).cpu()
         tensors[f"{path}.lora_B"] = torch.cat([a.lora_B.detach(), -B0.to(a.lora_B)], dim=1).cpu()
-        modules[path] = {"kind": "linear"}
+        modules[path] = {"kind": "linear", "transposed": _stores_transposed(host)}
     variant = "rslora" if cfg.rslora else "lora"
     alpha = cfg.alpha * (math.sqrt(2.0) if cfg.rslora else 2.0)
     tensors.update(saved_tensors)
@@ -625,6 +779,7 @@ def save_peft(
             for key, t in _layer_tensors(a).items():
                 tensors[f"{mpath}.{key}"] = full_tensor(t).detach().to("cpu")
             modules[mpath] = {"kind": "embedding" if _is_embedding(host) else "linear"}
+            modules[mpath]["transposed"] = _stores_transposed(host)
         for key, t in _shared_tensors(adapter).items():
             tensors[f"{SHARED}.{key}"] = t.detach().to("cpu")
         if variant == "vera":  # PEFT's file carries the projections even where lorazoo's does not
@@ -633,6 +788,15 @@ def save_peft(
         tensors.update(saved_tensors)
         cfg, tensors = peft_files(variant, adapter.config.to_dict(), modules, tensors, saved)
     return write_folder(path, cfg, tensors)
+
+
+def _stores_transposed(host: nn.Module) -> bool:
+    """True for a layer storing its weight in × out (transformers' Conv1D): PEFT's
+    ``fan_in_fan_out``."""
+    from .engine.kinds import kind_of
+
+    kind = kind_of(host)
+    return kind is not None and kind.name == "conv1d_hf"
 
 
 def _is_embedding(host: nn.Module) -> bool:

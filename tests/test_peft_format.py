@@ -186,7 +186,6 @@ def test_lorazoo_round_trip_of_a_peft_fixture(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
         ({"modules_to_save": [4]}, "modules_to_save must be a list of module names"),
         ({"bias": "lora_only"}, "bias='lora_only'"),
         ({"peft_type": "IA3"}, "peft_type='IA3'"),
@@ -211,6 +210,27 @@ def test_refused_configs_leave_model_unchanged(tmp_path, changes, match):
     model = fixture_model("lora")
     snap = snapshot(model)
     with pytest.raises(AdapterFileError, match=match):
+        lorazoo.load(model, folder)
+    assert_unchanged(model, snap)
+
+
+def test_fan_in_fan_out_on_linear_layers_reads_as_peft_computes(tmp_path):
+    # PEFT resets the flag to false on nn.Linear (it only means "weight stored in × out", which
+    # is transformers' Conv1D), and its factors are in the linear layout either way: outputs are
+    # the fixture's own.
+    folder = copy_case("lora", tmp_path, fan_in_fan_out=True)
+    model = fixture_model("lora")
+    lorazoo.load(model, folder)
+    expected = load_file(DATA / "lora" / "expected.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input"]), expected["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_fan_in_fan_out_on_vera_is_refused(tmp_path):
+    folder = copy_case("vera", tmp_path, fan_in_fan_out=True)
+    model = fixture_model("vera")
+    snap = snapshot(model)
+    with pytest.raises(AdapterFileError, match="fan_in_fan_out=true on a VeRA adapter"):
         lorazoo.load(model, folder)
     assert_unchanged(model, snap)
 
