@@ -86,6 +86,8 @@ def assert_unchanged(model: nn.Module, snap) -> None:
 
 
 def fixture_model(case: str) -> nn.Module:
+    if case in FIX.NEEDS_TRANSFORMERS:
+        pytest.importorskip("transformers")
     model = FIX.BUILDERS[case]()
     model.load_state_dict(load_file(DATA / case / "base.safetensors"))
     return model.eval()
@@ -143,6 +145,9 @@ def test_fixture_loads_with_peft_outputs(case):
         ("lora_alpha_pattern", "lora", {"r": 2, "alpha": 6.0}),
         ("lora_embedding", "lora", {"r": 3, "alpha": 6.0}),
         ("lora_modules_to_save", "lora", {"r": 2, "alpha": 4.0}),
+        ("lora_conv1d", "lora", {"r": 2, "alpha": 4.0}),
+        ("adalora", "adalora", {"r": 4, "alpha": 6.0, "target_r": 2, "total_steps": 3}),
+        ("adalora_unmasked", "adalora", {"r": 3, "alpha": 5.0, "target_r": 2, "orth_reg_form": "peft"}),
     ],
 )
 def test_fixture_maps_onto_variant_and_config(case, variant, config):

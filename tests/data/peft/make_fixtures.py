@@ -42,8 +42,39 @@ class EmbedNet(nn.Module):
         return self.head(self.embed(ids))
 
 
+class GPT2Logits(nn.Module):
+    """A one-layer GPT-2 (hidden size 8, untied head) returning logits: its projections are
+    transformers' ``Conv1D`` (weights stored in × out). Needs transformers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=8,
+            n_embd=8,
+            n_layer=1,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.lm = GPT2LMHeadModel(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits
+
+
+# Cases whose model is built with transformers (their tests skip without it).
+NEEDS_TRANSFORMERS = ("lora_conv1d",)
+
+
 def model_input(case: str, g: torch.Generator) -> torch.Tensor:
-    if BUILDERS[case] is EmbedNet:
+    if BUILDERS[case] in (EmbedNet, GPT2Logits):
         return torch.randint(0, VOCAB, (3, 7), generator=g)
     return torch.randn(5, 8, generator=g)
 
@@ -51,7 +82,8 @@ def model_input(case: str, g: torch.Generator) -> torch.Tensor:
 def layer_input(module: nn.Module, g: torch.Generator) -> torch.Tensor:
     if isinstance(module, nn.Embedding):
         return torch.randint(0, module.num_embeddings, (11,), generator=g)
-    return torch.randn(6, module.in_features, generator=g)
+    d_in = module.in_features if hasattr(module, "in_features") else module.weight.shape[0]  # Conv1D
+    return torch.randn(6, d_in, generator=g)
 
 
 BUILDERS = {
@@ -63,7 +95,13 @@ BUILDERS = {
     "lora_alpha_pattern": mlp,
     "lora_embedding": EmbedNet,
     "lora_modules_to_save": mlp,
+    "lora_conv1d": GPT2Logits,
+    "adalora": mlp,
+    "adalora_unmasked": mlp,
 }
+
+# AdaLoRA cases trained through PEFT's final mask (rank_pattern written, tensors cut).
+FINAL_MASK = ("adalora",)
 
 
 def configs():  # pragma: no cover - needs peft
@@ -87,6 +125,18 @@ def configs():  # pragma: no cover - needs peft
         "lora_modules_to_save": peft.LoraConfig(
             r=2, lora_alpha=4, target_modules=["0", "2"], modules_to_save=["4"]
         ),
+        # transformers' Conv1D layers: PEFT writes fan_in_fan_out=true, factors in linear layout.
+        "lora_conv1d": peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+        ),
+        # Four steps, the last one PEFT's final mask: ranks cut per layer, rank_pattern written.
+        "adalora": peft.AdaLoraConfig(
+            init_r=4, target_r=2, lora_alpha=6, target_modules=linear, total_step=3, orth_reg_weight=0.1
+        ),
+        # Trained without masking: full init_r tensors, no rank_pattern.
+        "adalora_unmasked": peft.AdaLoraConfig(
+            init_r=3, target_r=2, lora_alpha=5, target_modules=linear, total_step=10
+        ),
     }
 
 
@@ -99,12 +149,14 @@ def make(case: str, config) -> None:  # pragma: no cover - needs peft
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     pm = peft.get_peft_model(base, config)
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
-    for _ in range(4):
+    for step in range(4):
         x = model_input(case, g)
         loss = pm(x).pow(2).mean() - pm(x).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if case in FINAL_MASK:
+            pm.base_model.update_and_allocate(step)  # PEFT's AdaLoRA loop; step 3 is the final mask
     pm.eval()
     out = HERE / case
     if out.exists():
