@@ -117,12 +117,14 @@ def run_case(case: str, repeats: int, peft) -> list[list[object]]:
     trained_like(p for p in lz.parameters() if p.requires_grad)
     pm = peft.get_peft_model(
         copy.deepcopy(base),
-        peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True),
+        peft.LoraConfig(
+            r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True
+        ),
     )
     # Same factors in both, so both compute the same thing.
     theirs = {n: p for n, p in pm.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        for path, host, a in adapters_named(lz, "default"):
+        for path, _host, a in adapters_named(lz, "default"):
             theirs[f"base_model.model.{path}.lora_A.default.weight"].copy_(a.lora_A)
             theirs[f"base_model.model.{path}.lora_B.default.weight"].copy_(a.lora_B)
         y_lz, y_pf = lz(x), pm(x)

@@ -12,17 +12,22 @@ PEFT                            lorazoo tensor                      notes
 ``<p>.lora_embedding_A``        ``<p>.lora_A`` (``r × vocab``)      embedding layers
 ``<p>.lora_embedding_B``        ``<p>.lora_B`` (``dim × r``)
 ``<p>.lora_magnitude_vector``   ``<p>.lora_magnitude_vector``       DoRA's ``m``, one per row
+``<p>.lora_A``/``_E``/``_B``    same names                          AdaLoRA: ``k × d_in``,
+                                                                    ``k × 1``, ``d_out × k``
 ``<p>.vera_lambda_b`` / ``_d``  same names                          VeRA's trained vectors
 ``base_model.vera_A`` / ``_B``  ``__shared__.vera_A`` / ``_B``      VeRA's projections
 ``<m>.<key>``                   ``__modules__.<m>.<key>``           ``modules_to_save``
 ==============================  ==================================  ==========================
 
 ``peft_type: LORA`` becomes ``lora``, ``rslora`` (``use_rslora``) or ``dora`` (``use_dora``);
-``VERA`` becomes ``vera``. The scale is PEFT's: ``lora_alpha / r`` (``/ √r`` with rsLoRA); VeRA
-has none. The module paths and ranks come from the tensors; the per-module rank and alpha PEFT
-allows (``rank_pattern``, ``alpha_pattern``) must come out the same for every module, because
-one lorazoo adapter has one config. Settings lorazoo cannot honour are refused by name rather
-than dropped: ``bias``, ``fan_in_fan_out``, base-rewriting initialisations
+``VERA`` becomes ``vera``; ``ADALORA`` becomes ``adalora`` (the plugin's variant), each layer at
+the rank its tensors have (cut by PEFT's ``rank_pattern`` after the final mask). The scale is
+PEFT's: ``lora_alpha / r`` (``/ √r`` with rsLoRA), ``lora_alpha / (init_r + 1e-5)`` for AdaLoRA;
+VeRA has none. transformers' ``Conv1D`` layers (``fan_in_fan_out``) hold factors in the same
+linear layout, so they map like ``nn.Linear``. The module paths and ranks come from the tensors;
+the per-module rank and alpha LoRA allows (``rank_pattern``, ``alpha_pattern``) must come out
+the same for every module, because one lorazoo adapter has one config. Settings lorazoo cannot
+honour are refused by name rather than dropped: ``bias``, base-rewriting initialisations
 (``init_lora_weights="olora"``, ``"pissa"``, ...) and PEFT-only features. Pickled ``.bin``
 weights are refused without being opened.
 
@@ -155,14 +160,9 @@ def _refuse_unsupported(where: str, cfg: dict[str, Any]) -> None:
             "hold; only PEFT adapters with bias='none' are read"
         )
     # fan_in_fan_out=true (transformers' Conv1D, which stores its weight in × out) changes only
-    # how PEFT adds B·A to the stored weight: its factors are in the linear layout either way, as
-    # lorazoo's are on a Conv1D (whose weight variants see as out × in). PEFT itself resets the
-    # flag per layer to what the layer is, so the value is not needed here. VeRA is not read so.
-    if cfg.get("fan_in_fan_out") and cfg.get("peft_type") == "VERA":
-        raise AdapterFileError(
-            f"{where}: fan_in_fan_out=true on a VeRA adapter (transformers' Conv1D layers) is not "
-            "read; lorazoo reads PEFT's LoRA, rsLoRA, DoRA and AdaLoRA folders on Conv1D"
-        )
+    # how PEFT adds the update to the stored weight: the tensors are in the linear layout either
+    # way, as lorazoo's are on a Conv1D (whose weight variants see as out × in). PEFT itself sets
+    # the flag per layer to what the layer is, so its value is not needed here.
     for key in _FEATURES:
         value = cfg.get(key)
         if value not in (None, False, {}, [], "", 0):
@@ -638,7 +638,7 @@ def _peft_files(
             "vera_dropout": float(config.get("dropout", 0.0)),
             "d_initial": float(config.get("d_initial", 0.1)),
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": _fan_in_fan_out(modules),
             "modules_to_save": None,
             "init_weights": True,
             "inference_mode": True,

@@ -358,3 +358,45 @@ def test_lorazoo_adalora_export_loads_into_peft(tmp_path, final_mask, arch):
     back = lorazoo.load(copy.deepcopy(base), tmp_path / "again")
     assert ranks(back) == ranks(model)
     torch.testing.assert_close(logits(back, x), logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_vera_on_conv1d_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, x = tiny_gpt2(), ids(50)
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    )
+    train_peft(pm, x, steps=2)
+    pm.save_pretrained(tmp_path / "peft")
+    model = lorazoo.load(copy.deepcopy(base), tmp_path / "peft")
+    assert lorazoo.adapter_names(model) == {"default": "vera"}
+    compare_layers(model, pm)
+    torch.testing.assert_close(logits(model, x), logits(pm, x), rtol=1e-5, atol=1e-5)
+    lorazoo.save(model, tmp_path / "back", format="peft")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
+    torch.testing.assert_close(logits(again, x), logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_adalora_modules_to_save_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, x = tiny_gpt2(), ids(50)
+    config = peft.AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        lora_alpha=8,
+        target_modules=["c_attn"],
+        total_step=5,
+        modules_to_save=["lm_head"],
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), config)
+    train_peft(pm, x, steps=2)
+    pm.save_pretrained(tmp_path / "peft")
+    model = lorazoo.load(copy.deepcopy(base), tmp_path / "peft")
+    assert lorazoo.trained_modules(model) == {"lm_head": ["default"]}
+    torch.testing.assert_close(logits(model, x), logits(pm, x), rtol=1e-5, atol=1e-5)
+    lorazoo.save(model, tmp_path / "back", format="peft")
+    written = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["lm_head"]
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
+    torch.testing.assert_close(logits(again, x), logits(model, x), rtol=1e-5, atol=1e-5)

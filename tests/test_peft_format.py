@@ -231,15 +231,6 @@ def test_fan_in_fan_out_on_linear_layers_reads_as_peft_computes(tmp_path):
         torch.testing.assert_close(model(expected["input"]), expected["output"], rtol=1e-5, atol=1e-6)
 
 
-def test_fan_in_fan_out_on_vera_is_refused(tmp_path):
-    folder = copy_case("vera", tmp_path, fan_in_fan_out=True)
-    model = fixture_model("vera")
-    snap = snapshot(model)
-    with pytest.raises(AdapterFileError, match="fan_in_fan_out=true on a VeRA adapter"):
-        lorazoo.load(model, folder)
-    assert_unchanged(model, snap)
-
-
 def test_rank_pattern_with_different_ranks_is_refused_by_module(tmp_path):
     folder = copy_case("lora", tmp_path)
     tensors = load_file(folder / "adapter_model.safetensors")
