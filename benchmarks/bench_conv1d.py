@@ -158,7 +158,7 @@ def run_case(case: str, repeats: int, peft) -> list[list[object]]:
             label,
             "merge → unmerge",
             "-",
-            f"lorazoo bit-exact: {'yes' if lz_exact else 'NO'}; PEFT max |ΔW| {pf_err:.3g}",
+            f"lorazoo bit-exact: {'yes' if lz_exact else 'NO'}; PEFT max abs ΔW {pf_err:.3g}",
             "met" if lz_exact else "missed",
         ]
     )

@@ -400,3 +400,16 @@ def test_adalora_modules_to_save_both_ways(tmp_path):
     assert written["modules_to_save"] == ["lm_head"]
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
     torch.testing.assert_close(logits(again, x), logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_shows_adalora_per_layer_ranks(capsys):
+    from lorazoo.cli import main
+
+    assert main(["inspect", str(DATA / "adalora")]) == 0
+    out = capsys.readouterr().out
+    cfg = json.loads((DATA / "adalora" / "adapter_config.json").read_text())
+    assert "variant:  adalora" in out and "orth_reg_form='peft'" in out
+    for key, kept in cfg["rank_pattern"].items():
+        path = key[: -len(".lora_E")]
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(path + " "))
+        assert f"r={sum(kept)} " in line and f"lora_E {sum(kept)}×1" in line
