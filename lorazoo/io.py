@@ -160,7 +160,7 @@ _ITEM_SIZES = {
     **{code: 4 for code in ("U32", "I32", "F32")},
     **{code: 8 for code in ("U64", "I64", "F64")},
 }
-_KINDS = ("linear", "embedding")
+_KINDS = ("linear", "embedding", "conv")
 
 
 def _short(value: Any, limit: int = 80) -> str:
