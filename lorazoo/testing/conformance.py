@@ -310,7 +310,7 @@ def check_merge_equivalence(variant: str, case: Case) -> float:
     with torch.no_grad():
         unmerged = model(xs)
         lorazoo.merge(model)
-        merged = run(model)
+        merged = model(xs)
     worst = 0.0
     for i, (ym, yu, h) in enumerate(zip(merged, unmerged, hs, strict=True)):
         what = f"layer {i} merged vs unmerged"
@@ -406,7 +406,7 @@ def check_multi_adapter(variant: str, case: Case, other: str = "lora") -> None:
     with torch.no_grad():
         unmerged = model(xs)
         lorazoo.merge(model)
-        merged = run(model)
+        merged = model(xs)
     for i, (ym, yu, h) in enumerate(zip(merged, unmerged, hs, strict=True)):
         what = f"layer {i}: two adapters merged vs unmerged"
         _check_close(ym, yu, xs[i], h, lowranks[i], what, weights[i])
