@@ -42,15 +42,35 @@ class EmbedNet(nn.Module):
         return self.head(self.embed(ids))
 
 
+def cnn() -> nn.Sequential:
+    """A plain CNN of Conv2d layers: 3 → 6 (3×3, padding 1) → 4 (3×3, stride 2) → 2 (1×1)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2), nn.Tanh(), nn.Conv2d(4, 2, 1)
+    )
+
+
+def cnn1d() -> nn.Sequential:
+    """A plain 1-D CNN of Conv1d layers: 3 → 5 (kernel 3, stride 2) → 4 (kernel 2, padding 1)."""
+    return nn.Sequential(nn.Conv1d(3, 5, 3, stride=2), nn.ReLU(), nn.Conv1d(5, 4, 2, padding=1))
+
+
 def model_input(case: str, g: torch.Generator) -> torch.Tensor:
     if BUILDERS[case] is EmbedNet:
         return torch.randint(0, VOCAB, (3, 7), generator=g)
+    if BUILDERS[case] is cnn:
+        return torch.randn(2, 3, 7, 7, generator=g)
+    if BUILDERS[case] is cnn1d:
+        return torch.randn(2, 3, 9, generator=g)
     return torch.randn(5, 8, generator=g)
 
 
 def layer_input(module: nn.Module, g: torch.Generator) -> torch.Tensor:
     if isinstance(module, nn.Embedding):
         return torch.randint(0, module.num_embeddings, (11,), generator=g)
+    if isinstance(module, nn.Conv2d):
+        return torch.randn(2, module.in_channels, 6, 5, generator=g)
+    if isinstance(module, nn.Conv1d):
+        return torch.randn(2, module.in_channels, 8, generator=g)
     return torch.randn(6, module.in_features, generator=g)
 
 
@@ -63,6 +83,8 @@ BUILDERS = {
     "lora_alpha_pattern": mlp,
     "lora_embedding": EmbedNet,
     "lora_modules_to_save": mlp,
+    "lora_conv": cnn,
+    "dora_conv1d": cnn1d,
 }
 
 
@@ -87,6 +109,8 @@ def configs():  # pragma: no cover - needs peft
         "lora_modules_to_save": peft.LoraConfig(
             r=2, lora_alpha=4, target_modules=["0", "2"], modules_to_save=["4"]
         ),
+        "lora_conv": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2", "4"]),
+        "dora_conv1d": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["0", "2"], use_dora=True),
     }
 
 
