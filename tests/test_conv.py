@@ -99,6 +99,8 @@ def test_all_linear_leaves_convolutions_out_and_names_or_types_select_them():
     lorazoo.inject(model, "lora", targets=nn.Conv2d, r=2)
     assert set(hosts(model)) == {"0", "2", "4"}
     assert all(isinstance(h, AdaptedConv2d) for h in hosts(model).values())
+    lorazoo.inject(model, "dora", targets=nn.Conv2d, r=2, name="second")  # wrapped: still Conv2d
+    assert all(set(h.adapters) == {"default", "second"} for h in hosts(model).values())
     model = cnn()
     lorazoo.inject(model, "lora", targets=["2"], r=2)
     assert set(hosts(model)) == {"2"}
@@ -233,6 +235,27 @@ def test_dora_norm_runs_per_output_channel_and_magnitude_trains():
     model(images()).pow(2).mean().backward()
     assert a.lora_magnitude_vector.grad is not None and a.lora_magnitude_vector.grad.abs().sum() > 0
     assert a.lora_B.grad.abs().sum() > 0
+
+
+def test_dora_with_dropout_in_training_recomputes_the_base_on_the_dropped_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1))
+    lorazoo.inject(model, "dora", targets=["0"], r=2, dropout=0.3)
+    perturb(model)
+    host = hosts(model)["0"]
+    a = host.adapters["default"]
+    x = torch.randn(2, 3, 10)
+    model.train()
+    torch.manual_seed(7)
+    got = model(x)
+    torch.manual_seed(7)
+    xd = F.dropout(x, 0.3, training=True)
+    view = host.weight_view().detach()
+    k = (a.lora_magnitude_vector / (view + a.scale * a.lora_B @ a.lora_A).norm(dim=1).detach()).view(-1, 1)
+    z = F.conv1d(xd, host.weight, None, 1, 1)
+    lr = a.scale * F.conv1d(F.conv1d(xd, a.lora_A.view(2, 3, 3), None, 1, 1), a.lora_B.view(4, 2, 1))
+    want = F.conv1d(x, host.weight, host.bias, 1, 1) + (k - 1) * z + k * lr
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
