@@ -15,6 +15,11 @@ layer DoRA finishes the base output in place (:meth:`DoRA.output`); beside other
 PEFT's contribution ``(k − 1) ⊙ (W x) + k ⊙ (s·B·A·x)`` with ``W x`` taken from the base output
 minus the bias, or recomputed on the dropped input when dropout is active in training.
 
+On a convolution (``nn.Conv1d``/``nn.Conv2d``) ``W`` is the flattened ``out × (in·k…)`` weight,
+so ``m`` and the norm are per output channel (PEFT's conv DoRA), and the contribution is
+``(k − 1)·conv(x, W) + k·s·B(A(x))`` computed as convolutions (:meth:`DoRA._conv_contribution`);
+the fused paths below are for linear layers.
+
 Two things make it cheap:
 
 * **The row norm without ``B·A``.** ``n_i² = ‖W_i‖² + 2s·Σ_k B_ik (W Aᵀ)_ik +

@@ -600,7 +600,8 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
     ``adapts_as``): output at injection equal to the base (bit for bit with ``exact_at_init``),
     each layer's unmerged output within τ of the reference ``x·(W + ΔW)ᵀ + b`` computed from the
     kind's ``d_out × d_in`` weight view (the bound of the linear map the layer is: one-hot rows
-    for an embedding), merged within τ of unmerged, merge → unmerge and merge → eject bit-exact
+    for an embedding, input patches for a convolution; outputs compared as the kind's
+    ``dense_output`` rows), merged within τ of unmerged, merge → unmerge and merge → eject bit-exact
     (eject puts the original modules back), save → load bit-exact. Any other variant: injection
     is refused with a ``ConfigError`` and the model unchanged."""
     if isinstance(kind, str):
