@@ -496,6 +496,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
             expected.update(_existing_copies(f, model, name, saved_modules))
             _check_slots(f, expected)
             _check_config(f, name, next(iter(adapters.values())), config)
+            _check_layers(f, model, file_modules)  # each layer of the kind the file says
             _replace(expected, f.tensors(finite=True))
             return model
         _check_layers(f, model, file_modules)
