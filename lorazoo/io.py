@@ -160,7 +160,7 @@ _ITEM_SIZES = {
     **{code: 4 for code in ("U32", "I32", "F32")},
     **{code: 8 for code in ("U64", "I64", "F64")},
 }
-_KINDS = ("linear", "embedding")
+_KINDS = ("linear", "embedding", "conv")
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -496,6 +496,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
             expected.update(_existing_copies(f, model, name, saved_modules))
             _check_slots(f, expected)
             _check_config(f, name, next(iter(adapters.values())), config)
+            _check_layers(f, model, file_modules)  # each layer of the kind the file says
             _replace(expected, f.tensors(finite=True))
             return model
         _check_layers(f, model, file_modules)

@@ -228,10 +228,14 @@ def _lora_doc(where: str, cfg: dict[str, Any], raw: dict[str, Tensor]) -> tuple[
         a, b = (t.get("eA"), t.get("eB")) if embedding else (t.get("A"), t.get("B"))
         if a is None or b is None or (embedding and ("A" in t or "B" in t)):
             raise AdapterFileError(f"{where}: module {path!r} lacks one of its LoRA factors A, B")
+        conv = not embedding and a.dim() > 2
+        if conv:
+            a, b, t = _conv_from_peft(where, path, a, b, t)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapterFileError(
                 f"{where}: module {path!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}; "
-                "lorazoo reads 2-D factors A (r × d_in) and B (d_out × r) (convolution LoRA is not read)"
+                "lorazoo reads factors A (r × d_in) and B (d_out × r), or for a convolution A "
+                "(r × in × k…) and B (out × r × 1…)"
             )
         if dora != ("m" in t):
             raise AdapterFileError(
@@ -243,7 +247,7 @@ def _lora_doc(where: str, cfg: dict[str, Any], raw: dict[str, Tensor]) -> tuple[
         if dora:
             tensors[f"{path}.lora_magnitude_vector"] = t["m"]
         modules[path] = {"d_out": int(b.shape[0]), "d_in": int(a.shape[1])}
-        modules[path]["kind"] = "embedding" if embedding else "linear"
+        modules[path]["kind"] = "embedding" if embedding else ("conv" if conv else "linear")
         ranks[path] = int(a.shape[0])
         alphas[path] = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha", 8))
     r = _uniform(where, "r", ranks, cfg.get("r"))
@@ -255,6 +259,68 @@ def _lora_doc(where: str, cfg: dict[str, Any], raw: dict[str, Tensor]) -> tuple[
     else:
         variant = "rslora" if rslora else "lora"
     return {"variant": variant, "config": config, "modules": modules}, tensors
+
+
+def _conv_from_peft(
+    where: str, path: str, a: Tensor, b: Tensor, t: dict[str, Tensor]
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """PEFT's conv LoRA factors (``A`` ``r × in × k…``, ``B`` ``out × r × 1…``, DoRA's magnitude
+    ``1 × out × 1…``) in lorazoo's flattened layout (``r × in·k…``, ``out × r``, ``out``)."""
+    if b.dim() != a.dim() or any(s != 1 for s in b.shape[2:]):
+        raise AdapterFileError(
+            f"{where}: module {path!r} has a convolution factor A of shape {tuple(a.shape)} but B of "
+            f"shape {tuple(b.shape)}; lorazoo reads conv LoRA with B a 1×1 convolution (out × r × 1…)"
+        )
+    t = dict(t)
+    if "m" in t:
+        m = t["m"]
+        if m.numel() != b.shape[0] or (m.dim() > 1 and m.shape[1] != b.shape[0]):
+            raise AdapterFileError(
+                f"{where}: module {path!r} has a DoRA magnitude of shape {tuple(m.shape)}; a convolution "
+                f"with {b.shape[0]} output channels has 1 × {b.shape[0]} × 1…"
+            )
+        t["m"] = m.reshape(-1)
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), t
+
+
+def _conv_to_peft(out: dict[str, Tensor], modules: dict[str, Any]) -> None:
+    """Reshape, in place, the PEFT tensors of every ``"conv"`` module of ``modules`` to PEFT's
+    conv layout; each needs its ``weight_shape`` (``out × in × k…``, what a model's layer
+    says and a lorazoo file does not record)."""
+    for p, info in modules.items():
+        if info.get("kind") != "conv":
+            continue
+        shape = info.get("weight_shape")
+        if shape is None:
+            raise LorazooError(
+                f"the convolution {p!r} needs its kernel shape for PEFT's conv layout, which a lorazoo "
+                "file does not record: load the adapter into its model and use "
+                "lorazoo.save(model, folder, format='peft')"
+            )
+        ones = (1,) * (len(shape) - 2)
+        for key in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
+            k = PREFIX + p + key
+            if k not in out:
+                continue
+            t = out[k]
+            if key == ".lora_A.weight":
+                out[k] = t.reshape(t.shape[0], *shape[1:]).contiguous()
+            elif key == ".lora_B.weight":
+                out[k] = t.reshape(*t.shape, *ones).contiguous()
+            else:
+                out[k] = t.reshape(1, -1, *ones).contiguous()
+
+
+def _module_facts(host: nn.Module) -> dict[str, Any]:
+    """What the PEFT writer needs to know of an adapted layer: its kind, whether it stores its
+    weight transposed (``fan_in_fan_out``) and, for a convolution, its weight shape."""
+    from .engine.layer import layer_kind
+
+    kind = layer_kind(host)
+    facts: dict[str, Any] = {"kind": kind, "transposed": _stores_transposed(host)}
+    if kind == "conv":
+        facts["weight_shape"] = list(host.stored_weight.shape)
+    return facts
 
 
 def _split(where: str, key: str, parts: dict[str, str]) -> tuple[str, str]:
@@ -568,6 +634,7 @@ def peft_files(
     ``__modules__.<path>.<key>``). Raises :class:`LorazooError` for a variant PEFT cannot
     express (OLoRA needs its base: see :func:`save_peft`)."""
     cfg, out = _peft_files(variant, config, modules, tensors)
+    _conv_to_peft(out, modules)
     if saved:
         for path in saved:
             parts = path.split(".")
@@ -731,7 +798,7 @@ def _olora_as_lora(
         B0, A0 = a.initial_factors
         tensors[f"{path}.lora_A"] = torch.cat([a.lora_A.detach(), A0.to(a.lora_A)], dim=0).cpu()
         tensors[f"{path}.lora_B"] = torch.cat([a.lora_B.detach(), -B0.to(a.lora_B)], dim=1).cpu()
-        modules[path] = {"kind": "linear", "transposed": _stores_transposed(host)}
+        modules[path] = _module_facts(host)
     variant = "rslora" if cfg.rslora else "lora"
     alpha = cfg.alpha * (math.sqrt(2.0) if cfg.rslora else 2.0)
     tensors.update(saved_tensors)
@@ -778,8 +845,7 @@ def save_peft(
         for mpath, host, a in entries:
             for key, t in _layer_tensors(a).items():
                 tensors[f"{mpath}.{key}"] = full_tensor(t).detach().to("cpu")
-            modules[mpath] = {"kind": "embedding" if _is_embedding(host) else "linear"}
-            modules[mpath]["transposed"] = _stores_transposed(host)
+            modules[mpath] = _module_facts(host)
         for key, t in _shared_tensors(adapter).items():
             tensors[f"{SHARED}.{key}"] = t.detach().to("cpu")
         if variant == "vera":  # PEFT's file carries the projections even where lorazoo's does not

@@ -15,6 +15,11 @@ layer DoRA finishes the base output in place (:meth:`DoRA.output`); beside other
 PEFT's contribution ``(k − 1) ⊙ (W x) + k ⊙ (s·B·A·x)`` with ``W x`` taken from the base output
 minus the bias, or recomputed on the dropped input when dropout is active in training.
 
+On a convolution (``nn.Conv1d``/``nn.Conv2d``) ``W`` is the flattened ``out × (in·k…)`` weight,
+so ``m`` and the norm are per output channel (PEFT's conv DoRA), and the contribution is
+``(k − 1)·conv(x, W) + k·s·B(A(x))`` computed as convolutions (:meth:`DoRA._conv_contribution`);
+the fused paths below are for linear layers.
+
 Two things make it cheap:
 
 * **The row norm without ``B·A``.** ``n_i² = ‖W_i‖² + 2s·Σ_k B_ik (W Aᵀ)_ik +
@@ -427,6 +432,12 @@ class _DoraOutput(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def _on_conv(host: Any) -> bool:
+    """True on a convolution host (its layer kind adapts as ``"conv"``)."""
+    kind = getattr(host, "kind", None)
+    return getattr(kind, "adapts_as", None) == "conv"
+
+
 class DoRA(lorazoo.LowRankAdapter):
     """LoRA's ``A`` and ``B`` plus a trainable magnitude ``m`` per output row; see the module
     docstring for the math. Trainable parameters per layer: ``r·(d_in + d_out) + d_out``."""
@@ -440,6 +451,9 @@ class DoRA(lorazoo.LowRankAdapter):
         ),
     )
     config_class = DoraConfig
+    # On a convolution (``nn.Conv1d``/``nn.Conv2d``) the norm runs over each output channel of
+    # the flattened ``out × (in·k…)`` weight (PEFT's conv DoRA); see :meth:`_conv_contribution`.
+    layer_kinds = frozenset({"linear", "conv"})
     # The paper trains DoRA with the learning rates it uses for LoRA at the same rank, and m's
     # AdamW steps move each row's scale by about lr / ‖W_i‖ (‖W_i‖ is O(1) here), a fraction of
     # a percent per step at 1e-3; so DoRA keeps LoRA's rate.
@@ -571,6 +585,8 @@ class DoRA(lorazoo.LowRankAdapter):
         graph is functional (no output finished in place), and :func:`recoverable` is a branch
         on the data."""
         A = self.lora_A
+        if _on_conv(host):  # a convolution: the general path
+            return base_out + self.forward(x, base_out, host).to(base_out.dtype)
         if (
             _compiling()
             or (self.training and self.config.dropout > 0)
@@ -590,7 +606,26 @@ class DoRA(lorazoo.LowRankAdapter):
         return base_out
 
     def forward(self, x: Tensor, base_out: Tensor, host: AdaptedLinear) -> Tensor:
+        if _on_conv(host):
+            return self._conv_contribution(x, base_out, host)
         return self._contribution(x, base_out, host, self._k(host.weight))
+
+    def _conv_contribution(self, x: Tensor, base_out: Tensor, host: Any) -> Tensor:
+        """On a convolution host: ``(k − 1)·conv(x, W) + k·s·B(A(x))`` per output channel, with
+        ``conv(x, W)`` the base output without its bias, recomputed on the dropped input when
+        dropout is active in training (PEFT's conv DoRA)."""
+        k = self._k(host.weight_view())
+        A, B = self.lora_A, self.lora_B
+        xa = x.to(A.dtype)
+        if self.training and self.config.dropout > 0:
+            xa = self.dropout(xa)
+            z = host.conv_without_bias(xa).to(A.dtype)
+        else:
+            z = base_out.to(A.dtype)
+            if host.bias is not None:
+                z = z - host.bias.to(A.dtype).view(-1, *(1,) * (z.dim() - 2))
+        kk = k.view(-1, *(1,) * (z.dim() - 2))
+        return (kk - 1) * z + kk * host.lowrank_conv(xa, A, B, self.scale)
 
     def _contribution(self, x: Tensor, base_out: Tensor, host: AdaptedLinear, k: Tensor) -> Tensor:
         weight = host.weight

@@ -30,7 +30,7 @@ class LoRA(lorazoo.LowRankAdapter):
         ),
     )
     config_class = LoraConfig
-    layer_kinds = frozenset({"linear", "embedding"})
+    layer_kinds = frozenset({"linear", "embedding", "conv"})
 
 
 @lorazoo.hookimpl

@@ -66,7 +66,7 @@ class LoRAPlus(lorazoo.LowRankAdapter):
         ),
     )
     config_class = LoraPlusConfig
-    layer_kinds = frozenset({"linear", "embedding"})
+    layer_kinds = frozenset({"linear", "embedding", "conv"})
     # The A group's rate. With λ = 16 the B factors train at 1.6e-2 under AdamW, which is what
     # makes LoRA+ reach a loss in fewer steps than LoRA at the same base rate
     # (tests/test_training.py).

@@ -81,6 +81,9 @@ class OLoRA(lorazoo.LowRankAdapter):
         ),
     )
     config_class = OLoraConfig
+    # On a convolution the QR is of the flattened ``out × (in·k…)`` weight, and the rewrite and
+    # the factors are in that view, as for a linear layer.
+    layer_kinds = frozenset({"linear", "conv"})
     exact_at_init = False
     # OLoRA changes only the initialisation, so it keeps LoRA's default (Variant.recommended_lr).
     # A 60-step AdamW sweep on a

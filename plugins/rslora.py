@@ -34,7 +34,7 @@ class RsLoRA(lorazoo.LowRankAdapter):
         ),
     )
     config_class = RsLoraConfig
-    layer_kinds = frozenset({"linear", "embedding"})
+    layer_kinds = frozenset({"linear", "embedding", "conv"})
 
     @property
     def scale(self) -> float:

@@ -54,6 +54,9 @@ def layer_bound(host: nn.Module, x: torch.Tensor, name: str = "default") -> torc
     if layer_kind(host) == "embedding":
         weight = host.weight.detach().t()
         x = F.one_hot(x, host.num_embeddings).to(weight.dtype)
+    elif layer_kind(host) == "conv":  # the linear map on each input patch
+        weight = host.weight_view().detach()
+        x = host.kind.dense_input(host, x)
     else:
         weight = host.weight.detach()
     return merge_tolerance(x, weight, host.bias, [adapter.lowrank(weight)])
@@ -63,8 +66,10 @@ def assert_layer_close(host: nn.Module, x: torch.Tensor, want: torch.Tensor) -> 
     with torch.no_grad():
         got = host(x)
     tau = layer_bound(host, x)
-    err = (got.double() - want.double()).abs()
     assert got.shape == want.shape
+    if layer_kind(host) == "conv":  # output rows matching the input patches τ is for
+        got, want = host.kind.dense_output(host, got), host.kind.dense_output(host, want)
+    err = (got.double() - want.double()).abs()
     assert bool((err <= tau).all()), f"max error {err.max().item():.3g} over τ {tau.max().item():.3g}"
 
 
@@ -148,6 +153,8 @@ def test_fixture_loads_with_peft_outputs(case):
         ("lora_conv1d", "lora", {"r": 2, "alpha": 4.0}),
         ("adalora", "adalora", {"r": 4, "alpha": 6.0, "target_r": 2, "total_steps": 3}),
         ("adalora_unmasked", "adalora", {"r": 3, "alpha": 5.0, "target_r": 2, "orth_reg_form": "peft"}),
+        ("lora_conv", "lora", {"r": 2, "alpha": 4.0}),
+        ("dora_conv1d", "dora", {"r": 2, "alpha": 3.0, "rslora": False}),
     ],
 )
 def test_fixture_maps_onto_variant_and_config(case, variant, config):

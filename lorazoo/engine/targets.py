@@ -89,7 +89,8 @@ def _matcher(item: Target, model: nn.Module) -> Callable[[str, nn.Module], bool]
             return lambda n, m: is_linear(m)
         if cls is nn.Embedding:
             return lambda n, m: _adapts_as(m) == "embedding"
-        return lambda n, m: isinstance(m, cls)
+        # a layer already wrapped (by an earlier adapter) is still of its original class
+        return lambda n, m: isinstance(m.original if isinstance(m, AdaptedLayer) else m, cls)
     if callable(item):
         return item
     raise TargetError(f"cannot interpret target {item!r}: use a name, 're:<regex>', a class or a callable")

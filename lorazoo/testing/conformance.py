@@ -600,7 +600,8 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
     ``adapts_as``): output at injection equal to the base (bit for bit with ``exact_at_init``),
     each layer's unmerged output within τ of the reference ``x·(W + ΔW)ᵀ + b`` computed from the
     kind's ``d_out × d_in`` weight view (the bound of the linear map the layer is: one-hot rows
-    for an embedding), merged within τ of unmerged, merge → unmerge and merge → eject bit-exact
+    for an embedding, input patches for a convolution; outputs compared as the kind's
+    ``dense_output`` rows), merged within τ of unmerged, merge → unmerge and merge → eject bit-exact
     (eject puts the original modules back), save → load bit-exact. Any other variant: injection
     is refused with a ``ConfigError`` and the model unchanged."""
     if isinstance(kind, str):
@@ -630,10 +631,14 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
             f"{variant!r} does not list {kind.adapts_as!r} in layer_kinds, yet adapted {what}"
         )
     model.eval()
+
+    def run(m: nn.Module) -> list[Tensor]:  # each output as the rows dense_input's rows map to
+        return [kind.dense_output(o, y) for o, y in zip(originals, m(xs), strict=True)]
+
     with torch.no_grad():
-        base = model(xs)
+        base = run(model)
         lorazoo.inject(model, variant, targets=targets, **hyper)
-        at_init = model(xs)
+        at_init = run(model)
     hs = _layer_hosts(model)
     assert len(hs) == len(originals) and all(h.kind is kind for h in hs), f"{what} not wrapped by their kind"
     injected = _snapshot(model)  # a variant may rewrite the base (OLoRA) until eject
@@ -652,7 +657,7 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
     perturb(model, case.seed)
     views = [h.weight_view().detach().clone() for h in hs]
     with torch.no_grad():
-        unmerged = model(xs)
+        unmerged = run(model)
         for i, (y, y0) in enumerate(zip(unmerged, base, strict=True)):
             if not torch.equal(y, y0):
                 continue
@@ -683,7 +688,7 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
                 f"τ there = {float(tau.flatten()[int(diff.flatten().argmax())]):.3g}"
             )
         lorazoo.merge(model)
-        merged = model(xs)
+        merged = run(model)
     for i, (ym, yu) in enumerate(zip(merged, unmerged, strict=True)):
         diff = (ym.double() - yu.double()).abs()
         tau = tolerance(i, views[i], hs[i].bias)
@@ -699,7 +704,7 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
         lorazoo.load(fresh, path)
     fresh.eval()
     with torch.no_grad():
-        for i, (y1, y2) in enumerate(zip(unmerged, fresh(xs), strict=True)):
+        for i, (y1, y2) in enumerate(zip(unmerged, run(fresh), strict=True)):
             assert torch.equal(_bits(y1), _bits(y2)), f"{what} {i}: forward differs after save → load"
     lorazoo.merge(model)
     lorazoo.eject(model)

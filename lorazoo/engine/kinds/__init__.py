@@ -9,7 +9,8 @@ how the layer stores its weight and computes its output: the dense ``d_out × d_
 weight variants read, the layout merges write in, and the forward that adds the adapters.
 
 Built-in kinds: ``nn.Linear`` (:mod:`.linear`), ``nn.Embedding`` (:mod:`.embedding`) and
-transformers' ``Conv1D`` (:mod:`.conv1d_hf`, recognised only when transformers is imported).
+transformers' ``Conv1D`` (:mod:`.conv1d_hf`, recognised only when transformers is imported),
+``nn.Conv1d`` and ``nn.Conv2d`` (:mod:`.conv`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ class LayerKind:
         an embedding); the conformance suite bounds rounding errors with it. Default: ``x``."""
         return x
 
+    def dense_output(self, module: nn.Module, y: Tensor) -> Tensor:
+        """The module's output ``y`` as rows of ``d_out`` features matching :meth:`dense_input`'s
+        rows (a convolution's ``N × out × …`` output as ``N × L × out``). Default: ``y``."""
+        return y
+
     def __repr__(self) -> str:
         return f"<layer kind {self.name!r}>"
 
@@ -124,11 +130,12 @@ def stored_weight(module: nn.Module) -> Tensor:
 
 
 def builtin_kinds() -> list[LayerKind]:
+    from .conv import Conv1dKind, Conv2dKind
     from .conv1d_hf import HFConv1DKind
     from .embedding import EmbeddingKind
     from .linear import LinearKind
 
-    return [LinearKind(), EmbeddingKind(), HFConv1DKind()]
+    return [LinearKind(), EmbeddingKind(), HFConv1DKind(), Conv1dKind(), Conv2dKind()]
 
 
 __all__ = ["LayerKind", "builtin_kinds", "kind_of", "kinds", "stored_weight"]

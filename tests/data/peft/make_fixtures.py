@@ -73,15 +73,35 @@ class GPT2Logits(nn.Module):
 NEEDS_TRANSFORMERS = ("lora_conv1d",)
 
 
+def cnn() -> nn.Sequential:
+    """A plain CNN of Conv2d layers: 3 → 6 (3×3, padding 1) → 4 (3×3, stride 2) → 2 (1×1)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2), nn.Tanh(), nn.Conv2d(4, 2, 1)
+    )
+
+
+def cnn1d() -> nn.Sequential:
+    """A plain 1-D CNN of Conv1d layers: 3 → 5 (kernel 3, stride 2) → 4 (kernel 2, padding 1)."""
+    return nn.Sequential(nn.Conv1d(3, 5, 3, stride=2), nn.ReLU(), nn.Conv1d(5, 4, 2, padding=1))
+
+
 def model_input(case: str, g: torch.Generator) -> torch.Tensor:
     if BUILDERS[case] in (EmbedNet, GPT2Logits):
         return torch.randint(0, VOCAB, (3, 7), generator=g)
+    if BUILDERS[case] is cnn:
+        return torch.randn(2, 3, 7, 7, generator=g)
+    if BUILDERS[case] is cnn1d:
+        return torch.randn(2, 3, 9, generator=g)
     return torch.randn(5, 8, generator=g)
 
 
 def layer_input(module: nn.Module, g: torch.Generator) -> torch.Tensor:
     if isinstance(module, nn.Embedding):
         return torch.randint(0, module.num_embeddings, (11,), generator=g)
+    if isinstance(module, nn.Conv2d):
+        return torch.randn(2, module.in_channels, 6, 5, generator=g)
+    if isinstance(module, nn.Conv1d):
+        return torch.randn(2, module.in_channels, 8, generator=g)
     d_in = module.in_features if hasattr(module, "in_features") else module.weight.shape[0]  # Conv1D
     return torch.randn(6, d_in, generator=g)
 
@@ -98,6 +118,8 @@ BUILDERS = {
     "lora_conv1d": GPT2Logits,
     "adalora": mlp,
     "adalora_unmasked": mlp,
+    "lora_conv": cnn,
+    "dora_conv1d": cnn1d,
 }
 
 # AdaLoRA cases trained through PEFT's final mask (rank_pattern written, tensors cut).
@@ -137,6 +159,8 @@ def configs():  # pragma: no cover - needs peft
         "adalora_unmasked": peft.AdaLoraConfig(
             init_r=3, target_r=2, lora_alpha=5, target_modules=linear, total_step=10
         ),
+        "lora_conv": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2", "4"]),
+        "dora_conv1d": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["0", "2"], use_dora=True),
     }
 
 
