@@ -45,6 +45,7 @@ from ..engine import _interrupt
 from ..errors import ConfigError, MergeError
 from .nf4 import NF4Weight, QuantError, dequantize_nf4, quant_error, quantize_nf4, storage_sizes
 
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
 
 
@@ -91,8 +92,10 @@ class NF4Linear(nn.Module):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ConfigError(f"NF4Linear needs positive sizes, got in={in_features}, out={out_features}")
-        if weight_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ConfigError(f"weight_dtype must be float32, bfloat16 or float16, not {weight_dtype}")
+        if weight_dtype not in _WEIGHT_DTYPES:
+            raise ConfigError(
+                f"weight_dtype must be float32, bfloat16, float16 or float64, not {weight_dtype}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.double_quant = double_quant
@@ -348,7 +351,7 @@ class NF4Linear(nn.Module):
         finally:
             for name, t in saved.items():
                 self._buffers[name] = None if t is None else t.to(probe.device)
-        if probe.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if probe.dtype in _WEIGHT_DTYPES:
             self.weight_dtype = probe.dtype
         return self
 

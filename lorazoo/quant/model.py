@@ -127,3 +127,42 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
         built.append((n, m.to_linear(dtype, keep_bias=keep)))
     _swap(model, built)
     return [n for n, _ in built]
+
+
+def storage_for(cls: type, config: object, matches: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The targets of an injection, each in the base storage the variant class asks for.
+
+    A variant class with ``base_storage = "nf4"`` (QLoRA) trains on an NF4 base: each plain
+    ``nn.Linear`` target is replaced (in the returned list only; the model is not touched) by a
+    new :class:`NF4Linear` quantised from it with the config's ``double_quant``, which the
+    injection then wraps, so quantising and attaching the adapters are one atomic step. Targets
+    already stored in NF4 are kept as they are; a dense layer that already carries adapters is
+    refused (its adapters were trained on the dense weight). Any other variant: ``matches``
+    unchanged."""
+    from ..engine.host import AdaptedLayer
+    from ..engine.kinds import kind_of
+    from ..errors import ConfigError
+
+    storage = getattr(cls, "base_storage", "dense")
+    if storage == "dense":
+        return matches
+    if storage != "nf4":
+        raise ConfigError(f"variant {cls.__name__} asks for base storage {storage!r}; lorazoo stores 'nf4'")
+    double_quant = bool(getattr(config, "double_quant", True))
+    out: list[tuple[str, nn.Module]] = []
+    for path, module in matches:
+        kind = kind_of(module)
+        if kind is not None and getattr(kind, "storage", "dense") == "nf4":
+            out.append((path, module))
+        elif isinstance(module, AdaptedLayer):
+            raise ConfigError(
+                f"variant {cls.name!r} trains on an NF4 base, but layer {path!r} is a dense layer that "
+                f"already carries adapters {list(module.adapters)} (trained on the dense weight): eject "
+                "them first, or quantise the model (lorazoo.quantize) before adding any adapter"
+            )
+        elif _plain_linear(module):
+            with torch.no_grad():
+                out.append((path, NF4Linear.from_linear(module, double_quant=double_quant)))
+        else:
+            out.append((path, module))  # the variant's layer checks say why it is not adapted
+    return out

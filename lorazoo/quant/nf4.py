@@ -57,7 +57,7 @@ NF4_VALUES: tuple[float, ...] = (
 )
 NF4_ZERO_CODE = 7
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _dynamic_code() -> Tensor:
@@ -217,13 +217,14 @@ def _quantize_absmax(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def quantize_nf4(weight: Tensor, double_quant: bool = True) -> NF4Weight:
-    """Quantise ``weight`` (float32, bfloat16 or float16; any shape) to NF4 storage.
+    """Quantise ``weight`` (float32, bfloat16, float16 or float64; any shape) to NF4 storage.
+    The arithmetic is float32's (a float64 weight is rounded to float32 first).
 
     Work is done in chunks of 4096 blocks, so temporaries stay bounded whatever the size.
     """
     if weight.dtype not in _FLOAT_DTYPES:
         raise ConfigError(
-            f"NF4 quantisation takes a float32, bfloat16 or float16 tensor, got {weight.dtype}; "
+            f"NF4 quantisation takes a float32, bfloat16, float16 or float64 tensor, got {weight.dtype}; "
             "cast it first (e.g. weight.float())"
         )
     if weight.device.type == "meta":
@@ -277,7 +278,7 @@ def dequantize_nf4(
     """
     dtype = dtype or q.dtype
     if dtype not in _FLOAT_DTYPES:
-        raise ConfigError(f"NF4 dequantises to float32, bfloat16 or float16, not {dtype}")
+        raise ConfigError(f"NF4 dequantises to float32, bfloat16, float16 or float64, not {dtype}")
     device = q.codes.device
     n = q.numel
     if out is None:
