@@ -166,7 +166,7 @@ def _layer_hosts(model: nn.Module) -> list[AdaptedLayer]:
 
 def _bits(t: Tensor) -> Tensor:
     """Bit patterns, so -0.0 vs 0.0 and NaN payloads count as differences."""
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
     return t.detach().contiguous().view(ints[t.element_size()])
 
 
