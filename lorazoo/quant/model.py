@@ -160,6 +160,11 @@ def storage_for(cls: type, config: object, matches: list[tuple[str, nn.Module]])
                 f"already carries adapters {list(module.adapters)} (trained on the dense weight): eject "
                 "them first, or quantise the model (lorazoo.quantize) before adding any adapter"
             )
+        elif _plain_linear(module) and module.weight.device.type == "meta":
+            # a stand-in on the meta device (a load's dry run): the layer it will be, unfilled
+            d = {"device": "meta", "weight_dtype": module.weight.dtype}
+            bias = module.bias is not None
+            out.append((path, NF4Linear(module.in_features, module.out_features, bias, double_quant, **d)))
         elif _plain_linear(module):
             with torch.no_grad():
                 out.append((path, NF4Linear.from_linear(module, double_quant=double_quant)))
