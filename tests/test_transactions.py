@@ -44,7 +44,7 @@ def _adapted(variant: str, dtype: torch.dtype) -> nn.Module:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.uint8).clone()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
 
 
 def _snapshot(model: nn.Module) -> tuple:

@@ -17,8 +17,9 @@ key                         dtype        shape
 The forward pass dequantises the weight into the input's dtype (in bounded chunks, see
 :func:`lorazoo.quant.dequantize_nf4`) and runs the same ``F.linear`` a dense layer holding that
 weight runs, so the output equals the dense layer's (bit for bit, except that a ``-0.0`` output
-comes out as ``+0.0``, so that adding an exactly-zero adapter output changes no bit). The backward pass gives the input
-(and, if asked for, the bias) its gradient; the quantised weight has none.
+comes out as ``+0.0``, so that adding an exactly-zero adapter output changes no bit). The
+backward pass gives the input (and, if asked for, the bias) its gradient; the quantised weight has
+none.
 
 ``module.to(dtype)`` and ``module.half()`` leave the quantised buffers as they are (casting
 them would destroy the storage); only the bias and the nominal ``weight_dtype`` follow.
@@ -61,7 +62,7 @@ class _NF4Matmul(torch.autograd.Function):
         # ``+ 0.0`` turns the -0.0 outputs of zero rows (NF4 has an exact zero code, so whole
         # blocks of a weight can be 0) into +0.0 and changes nothing else: an adapter that adds
         # exactly zero (LoRA at initialisation) then leaves every output bit as it was.
-        return F.linear(x, w, bias).add_(0.0)
+        return F.linear(x, w, bias) + 0.0  # a fresh tensor (not a view), which callers may add into
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
@@ -139,8 +140,7 @@ class NF4Linear(nn.Module):
         )
         layer.load_nf4(q)
         if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
     @classmethod

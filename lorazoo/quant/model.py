@@ -76,6 +76,7 @@ def _resolve_linear(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
     return chosen  # type: ignore[return-value]
 
 
+@torch.no_grad()
 def quantize(
     model: nn.Module,
     targets="all-linear",
@@ -93,14 +94,13 @@ def quantize(
     chosen = _resolve_linear(model, targets)
     built: list[tuple[str, nn.Module]] = []
     report = QuantReport()
-    with torch.no_grad():
-        for path, lin in chosen:
-            layer = NF4Linear.from_linear(lin, double_quant=double_quant)
-            err = quant_error(lin.weight, layer.nf4())
-            built.append((path, layer))
-            report.layers[path] = err
-            if on_layer is not None:
-                on_layer(path, err)
+    for path, lin in chosen:
+        layer = NF4Linear.from_linear(lin, double_quant=double_quant)
+        err = quant_error(lin.weight, layer.nf4())
+        built.append((path, layer))
+        report.layers[path] = err
+        if on_layer is not None:
+            on_layer(path, err)
     _swap(model, built)
     return report
 
@@ -111,7 +111,18 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     replaced. Each new layer keeps the old layer's bias parameter object when the dtype is
     unchanged (a copy when it is cast). Memory grows to the dense size; nothing changes when any
     layer fails. A layer holding a dense (merged) weight is refused: its dequantised packed
-    weight is not what it computes with."""
+    weight is not what it computes with. So is a model whose NF4 layers carry adapters (eject
+    them first; eject leaves the NF4Linear layers)."""
+    from ..engine.host import AdaptedLayer
+
+    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLayer) and m.kind.storage == "nf4"]
+    if adapted:
+        raise MergeError(
+            f"{len(adapted)} NF4 layers carry adapters, e.g. {adapted[0]!r}; their adapters were "
+            "trained on the NF4 base, and dequantize replaces only plain NF4Linear layers: call "
+            "lorazoo.eject(model) first (it leaves the NF4Linear layers), then dequantize. To keep "
+            "a merged model instead, use lorazoo.merge(model)"
+        )
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear) and n]
     if isinstance(model, NF4Linear):
         raise TargetError("the model itself is an NF4Linear; call its to_linear() instead")
@@ -129,7 +140,9 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     return [n for n, _ in built]
 
 
-def storage_for(cls: type, config: object, matches: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+def storage_for(
+    cls: type, config: object, matches: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
     """The targets of an injection, each in the base storage the variant class asks for.
 
     A variant class with ``base_storage = "nf4"`` (QLoRA) trains on an NF4 base: each plain
@@ -166,8 +179,7 @@ def storage_for(cls: type, config: object, matches: list[tuple[str, nn.Module]])
             bias = module.bias is not None
             out.append((path, NF4Linear(module.in_features, module.out_features, bias, double_quant, **d)))
         elif _plain_linear(module):
-            with torch.no_grad():
-                out.append((path, NF4Linear.from_linear(module, double_quant=double_quant)))
+            out.append((path, NF4Linear.from_linear(module, double_quant=double_quant)))
         else:
             out.append((path, module))  # the variant's layer checks say why it is not adapted
     return out

@@ -43,7 +43,13 @@ def _no_residual(numel: int, dense: Tensor) -> Residual:
     checksum of the dense weight the merge put in place."""
     empty = torch.zeros(0, dtype=torch.int64, device=dense.device)
     return Residual(
-        numel, None, None, None, empty, torch.zeros(0, dtype=torch.uint8, device=dense.device), content_sum(dense)
+        numel,
+        None,
+        None,
+        None,
+        empty,
+        torch.zeros(0, dtype=torch.uint8, device=dense.device),
+        content_sum(dense),
     )
 
 
