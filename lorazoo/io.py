@@ -101,8 +101,9 @@ def save(
             "base_dtype": str(host.weight.dtype),
             **adapter.extra_metadata(),
         }
-        if getattr(host.kind, "storage", "dense") == "nf4":  # the base recipe and its bytes' digest
-            modules[mpath][BASE_KEY] = record_base(host.nf4())
+        if getattr(host.kind, "storage", "dense") == "nf4":  # the base recipe (as for a dense base,
+            # not the base's bytes: an adapter may be loaded onto other weights of the same shape)
+            modules[mpath][BASE_KEY] = record_base(host.nf4(), fingerprint=False)
     for key, t in _shared_tensors(entries[0][2]).items():
         tensors[f"{SHARED}.{key}"] = t.detach().to("cpu").contiguous()
     copies = trained.copies_of(model, name)
