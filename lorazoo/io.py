@@ -101,6 +101,9 @@ def save(
             "base_dtype": str(host.weight.dtype),
             **adapter.extra_metadata(),
         }
+        if getattr(host.kind, "storage", "dense") == "nf4":  # the base recipe (as for a dense base,
+            # not the base's bytes: an adapter may be loaded onto other weights of the same shape)
+            modules[mpath][BASE_KEY] = record_base(host.nf4(), fingerprint=False)
     for key, t in _shared_tensors(entries[0][2]).items():
         tensors[f"{SHARED}.{key}"] = t.detach().to("cpu").contiguous()
     copies = trained.copies_of(model, name)
@@ -512,6 +515,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn
             raise AdapterFileError(f"{f.where} cannot be applied to this model: {exc}") from exc
         except (RuntimeError, MemoryError) as exc:
             raise AdapterFileError(f"{f.where}: building its adapter failed: {exc}") from exc
+        for e in injection.entries:  # the base each layer will have: stored as the file records
+            nf4 = getattr(e.host, "nf4", None)
+            check_base(f.where, e.path, read_base(f.where, e.path, file_modules[e.path]), nf4 and nf4())
         adapters = {e.path: e.adapter for e in injection.entries}
         try:
             for mpath, adapter in adapters.items():  # per-module shapes (AdaLoRA's ranks)

@@ -15,7 +15,9 @@ Helpers defined here:
 * :func:`tensor_version`: a tensor's in-place version counter, to key caches on;
 * :func:`adapted_layers`, :func:`adapters_named`, :func:`iter_adapters`: the adapted layers
   (hosts) of a model and the adapters on them, for module-level functions that work on a whole
-  model (OLoRA's ``to_lora``, AdaLoRA's ``ranks``).
+  model (OLoRA's ``to_lora``, AdaLoRA's ``ranks``);
+* :data:`NF4_BLOCK`: the block size (64) of lorazoo's NF4 base storage, for variants whose
+  config records a base recipe (QLoRA's ``block_size``).
 
 The host handed to ``forward``, ``output`` and ``prepare_base`` is a :class:`AdaptedLinear` (or
 :class:`AdaptedEmbedding`). Its public members a variant may use: ``weight`` and ``bias`` (the
@@ -39,6 +41,7 @@ from .engine.inject import adapters_named as _adapters_named
 from .engine.inject import hosts as _hosts
 from .engine.inject import iter_adapters as _iter_adapters
 from .hookspecs import hookimpl
+from .quant.nf4 import BLOCK as NF4_BLOCK
 from .registry import register, unregister
 from .variant import LayerInfo, LowRank, LowRankAdapter, StepInfo, Variant, VariantConfig
 
@@ -48,6 +51,7 @@ __all__ = [
     "LayerInfo",
     "LowRank",
     "LowRankAdapter",
+    "NF4_BLOCK",
     "StepInfo",
     "Variant",
     "VariantConfig",

@@ -122,7 +122,9 @@ class LayerInfo:
     is the layer kind's ``adapts_as``, ``"linear"`` or ``"embedding"`` for the built-in kinds; an
     embedding is seen as the linear map from one-hot rows (``d_in = num_embeddings``,
     ``d_out = embedding_dim``), and ``weight`` is then a transposed view of its table (so is it
-    for transformers' ``Conv1D``, which stores ``d_in × d_out``).
+    for transformers' ``Conv1D``, which stores ``d_in × d_out``). ``storage`` says how the
+    base stores its weight: ``"dense"``, or ``"nf4"`` for a 4-bit NF4 base, whose ``weight`` is
+    then the dequantised ``d_out × d_in`` matrix (a copy: the packed codes are the storage).
     """
 
     path: str
@@ -132,6 +134,7 @@ class LayerInfo:
     has_bias: bool
     adapter_dtype: torch.dtype
     kind: str = "linear"
+    storage: str = "dense"
 
     @property
     def dtype(self) -> torch.dtype:

@@ -6,9 +6,10 @@ is the base: each target's weight is held as NF4 codes with block-64 absmax scal
 double-quantised by default (``lorazoo.quant``), and the adapter trains on top of ``dequant(Q)``.
 
 The base recipe is part of the config (``quant_type``, ``block_size``, ``double_quant``) and the
-class says ``base_storage = "nf4"``: the engine quantises the targets with that recipe before it
-attaches the adapters. An engine that cannot do so must not run this variant as LoRA on a dense
-base; :meth:`QLoRA.check_layer` refuses every layer not stored that way.
+class says ``base_storage = "nf4"``: ``lorazoo.inject`` quantises each plain ``nn.Linear``
+target with that recipe and attaches the adapter in the same atomic step (layers already in NF4
+are adapted as they are). :meth:`QLoRA.check_layer` refuses any layer that does not reach it
+stored in NF4, so QLoRA never silently runs as LoRA on a dense base.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from lorazoo_plugins.lora import LoRA
 
 import lorazoo
 from lorazoo.claims import Claim, Compare, Ref
-from lorazoo.errors import ConfigError
-from lorazoo.quant import BLOCK
-from lorazoo.variant import LayerInfo, VariantConfig
+from lorazoo.plugin import NF4_BLOCK, LayerInfo, VariantConfig
+
+BLOCK = NF4_BLOCK
 
 QUANT_TYPES = ("nf4",)
 LEARNED_MARGIN = 0.02
@@ -43,14 +44,14 @@ class QLoraConfig(lorazoo.VariantConfig):
     def validate(self) -> None:
         super().validate()
         if self.quant_type not in QUANT_TYPES:
-            raise ConfigError(
+            raise lorazoo.ConfigError(
                 f"quant_type must be one of {', '.join(map(repr, QUANT_TYPES))}, got {self.quant_type!r}"
             )
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs != BLOCK:
-            raise ConfigError(f"block_size must be {BLOCK} (the NF4 storage's block), got {bs!r}")
+            raise lorazoo.ConfigError(f"block_size must be {BLOCK} (the NF4 storage's block), got {bs!r}")
         if not isinstance(self.double_quant, bool):
-            raise ConfigError(f"double_quant must be True or False, got {self.double_quant!r}")
+            raise lorazoo.ConfigError(f"double_quant must be True or False, got {self.double_quant!r}")
 
 
 class QLoRA(LoRA):
@@ -61,8 +62,7 @@ class QLoRA(LoRA):
     ``block_size`` and ``double_quant`` (the same recipe an adapter file records, so a load onto a
     full-precision base quantises it identically). A variant without the attribute runs on
     whatever base it is given. ``check_layer`` refuses a layer whose :class:`LayerInfo` does not
-    say ``storage == "nf4"``, so an engine that does not quantise fails loudly, before any change,
-    instead of training plain LoRA on a dense base.
+    say ``storage == "nf4"``, before any change, instead of training plain LoRA on a dense base.
     """
 
     name = "qlora"
@@ -81,12 +81,12 @@ class QLoRA(LoRA):
     def check_layer(cls, layer: LayerInfo, config: VariantConfig) -> None:
         storage = getattr(layer, "storage", "dense")
         if storage != cls.base_storage:
-            raise ConfigError(
+            raise lorazoo.ConfigError(
                 f"variant {cls.name!r} trains LoRA on a base stored in {cls.base_storage.upper()}, but "
-                f"layer {layer.path!r} reaches it stored as {storage!r}: this lorazoo does not yet "
-                "quantise the targets of an injection, and running plain LoRA on the dense base "
-                "instead would not be QLoRA. Nothing was changed. Use lorazoo.quantize(model) for an "
-                "NF4 base without adapters, or variant 'lora' for LoRA on the dense base"
+                f"layer {layer.path!r} reaches it stored as {storage!r}: lorazoo.inject quantises "
+                "plain nn.Linear targets itself (and adapts NF4 layers as they are); other layers "
+                "cannot be quantised. Nothing was changed. Leave that layer out of the targets, or "
+                "use variant 'lora' for LoRA on the dense base"
             )
         super().check_layer(layer, config)
 

@@ -82,6 +82,13 @@ def test_each_variant_matches_reference_and_merges_exactly(variant):
     model = tiny_gpt2()
     x = ids()
     before = _bits(model)
+    if getattr(lorazoo.variant(variant), "base_storage", "dense") != "dense":
+        # QLoRA quantises nn.Linear targets only: a Conv1D base is refused, with nothing changed
+        with pytest.raises(lorazoo.ConfigError, match="reaches it stored as 'dense'"):
+            lorazoo.inject(model, variant, targets="all-linear", **hyper(variant))
+        _same(before, model)
+        assert not lorazoo.engine.hosts(model)
+        return
     lorazoo.inject(model, variant, targets="all-linear", **hyper(variant))
     perturb(model, seed=3)
     injected = _bits(model)  # OLoRA rewrites the base until eject

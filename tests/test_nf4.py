@@ -154,7 +154,7 @@ def test_chunking_does_not_change_the_result():
 
 
 def test_rejects_bad_input():
-    with pytest.raises(ConfigError, match="float32, bfloat16 or float16"):
+    with pytest.raises(ConfigError, match="float32, bfloat16, float16 or float64"):
         quantize_nf4(torch.ones(64, dtype=torch.int32))
     with pytest.raises(ConfigError, match="empty"):
         quantize_nf4(torch.ones(0))

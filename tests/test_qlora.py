@@ -1,5 +1,7 @@
 """The ``qlora`` variant: LoRA math, the base recipe in its config, the ``base_storage`` marker,
-its refusal to run on a dense base, and its claim evaluated on synthetic bench figures."""
+its refusal of a layer that does not reach it in NF4, and its claim evaluated on synthetic bench
+figures. The engine side (quantising on inject, merge on packed storage, files) is in
+test_qlora_engine.py."""
 
 from __future__ import annotations
 
@@ -7,13 +9,11 @@ import dataclasses
 
 import pytest
 import torch
-from lorazoo_plugins import qlora as qlora_plugin
 from lorazoo_plugins.lora import LoRA
 from lorazoo_plugins.qlora import LEARNED_MARGIN, QLoRA, QLoraConfig
 from torch import nn
 
 import lorazoo
-from lorazoo import registry
 from lorazoo.claims import FAILS, HOLDS, INCONCLUSIVE, evaluate
 from lorazoo.errors import ConfigError
 from lorazoo.variant import LayerInfo
@@ -87,37 +87,30 @@ def test_it_is_lora_with_the_nf4_marker():
 def test_check_layer_refuses_a_dense_base_and_still_checks_the_rank():
     cfg = QLoraConfig(r=4)
     for storage in (None, "dense"):
-        with pytest.raises(ConfigError, match="does not yet quantise the targets") as e:
+        with pytest.raises(ConfigError, match="reaches it stored as 'dense'") as e:
             QLoRA.check_layer(_info(storage), cfg)
         assert "'blk.proj'" in str(e.value) and "'lora'" in str(e.value)
     with pytest.raises(ConfigError, match="r=40 is larger"):
         QLoRA.check_layer(_info("nf4"), QLoraConfig(r=40))
 
 
-def test_inject_refuses_before_any_change():
+def test_inject_quantises_the_targets_and_leaves_the_rest_dense():
+    from lorazoo.quant import NF4Linear, quantize_nf4
+
     model = Net()
-    before = _state(model)
-    with pytest.raises(ConfigError, match="does not yet quantise"):
-        lorazoo.inject(model, QLoRA, targets=["q_proj", "v_proj"], r=2, alpha=2)
-    mods, sd = _state(model)
-    assert mods == before[0] and all(torch.equal(sd[k], before[1][k]) for k in sd)
-    assert not lorazoo.adapter_names(model)
+    w = model.q_proj.weight.detach().clone()
+    lorazoo.inject(model, "qlora", targets=["q_proj"], r=2, alpha=2, double_quant=False)
+    host = model.q_proj
+    assert type(model.v_proj) is nn.Linear and host.kind.name == "nf4"
+    ref = quantize_nf4(w, double_quant=False)
+    assert torch.equal(host.weight_codes, ref.codes) and torch.equal(host.weight_absmax, ref.absmax)
+    assert host.weight_absmax_scale is None
+    lorazoo.eject(model)
+    assert isinstance(model.q_proj, NF4Linear) and not model.q_proj.double_quant
 
 
-def test_registered_by_name_it_refuses_too():
-    installed = "qlora" in lorazoo.variants()  # through its entry point, or not (yet)
-    if not installed:
-        registry.register(qlora_plugin, name="qlora-test")
-    try:
-        assert lorazoo.variant("qlora") is QLoRA
-        model = Net()
-        with pytest.raises(ConfigError, match="does not yet quantise"):
-            lorazoo.inject(model, "qlora", targets=["q_proj"], r=2)
-        assert not lorazoo.adapter_names(model)
-    finally:
-        if not installed:
-            registry.unregister(qlora_plugin)
-    assert ("qlora" in lorazoo.variants()) == installed
+def test_registered_by_name():
+    assert "qlora" in lorazoo.variants() and lorazoo.variant("qlora") is QLoRA
 
 
 # ---- the claim, on synthetic bench figures -----------------------------------------------------

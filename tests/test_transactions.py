@@ -31,8 +31,17 @@ def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.to(dtype)
 
 
-def _adapted(variant: str, dtype: torch.dtype) -> nn.Module:
+def _base(variant: str, dtype: torch.dtype) -> nn.Module:
+    """The base ``variant`` adapts: :func:`_model`, quantised to NF4 for a variant that asks for
+    that base storage (QLoRA; its inject would quantise the same way, and eject leaves NF4)."""
     model = _model(dtype)
+    if getattr(lorazoo.variant(variant), "base_storage", "dense") == "nf4":
+        lorazoo.quantize(model, targets=nn.Linear)
+    return model
+
+
+def _adapted(variant: str, dtype: torch.dtype) -> nn.Module:
+    model = _base(variant, dtype)
     cls = lorazoo.variant(variant)
     lorazoo.inject(model, variant, targets=nn.Linear, r=4, alpha=8, **cls.example_config)
     g = torch.Generator().manual_seed(1)
@@ -44,7 +53,7 @@ def _adapted(variant: str, dtype: torch.dtype) -> nn.Module:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.uint8).clone()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
 
 
 def _snapshot(model: nn.Module) -> tuple:
@@ -137,7 +146,7 @@ def _every_checkpoint(monkeypatch, model_fn, op, check_interrupted, check_comple
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_interrupt_at_every_checkpoint_of_merge_unmerge_eject(variant, dtype, monkeypatch, small_chunks):
-    base = _model(dtype)
+    base = _base(variant, dtype)
     original = {k: _bits(v) for k, v in base.state_dict().items()}
     x = torch.randn(5, 24).to(dtype)
 

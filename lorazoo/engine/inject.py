@@ -153,6 +153,9 @@ def plan(
             f"the model already has an adapter named {name!r}; pick another name or eject it first"
         )
     matches = resolve(model, targets)
+    from ..quant.model import storage_for  # a variant with ``base_storage`` (QLoRA): quantised targets
+
+    matches = storage_for(cls, cfg, matches)
     layers: list[LayerInfo] = []
     for path, module in matches:
         if isinstance(module, AdaptedLayer) and module.merged is not None:
@@ -171,6 +174,7 @@ def plan(
                 has_bias=getattr(module, "bias", None) is not None,
                 adapter_dtype=dtype or default_adapter_dtype(weight.dtype),
                 kind=kind.adapts_as,
+                storage=kind.storage,
             )
         )
     for layer in layers:
@@ -182,6 +186,14 @@ def plan(
             )
         cls.check_layer(layer, cfg)
     if cls.prepare_base is not Variant.prepare_base:
+        fixed = [(p, k) for p, m in matches if not (k := kind_of(m)).host_class.base_rewrites]  # type: ignore[union-attr]
+        if fixed:
+            path, kind = fixed[0]
+            raise ConfigError(
+                f"variant {cls.name!r} rewrites the base weight of each layer it adapts, which "
+                f"{kind.name} layers such as {path!r} cannot hold (their storage is fixed): leave "
+                "them out of the targets, or use a variant that does not rewrite the base"
+            )
         ties = tied_elsewhere(model, matches)
         if ties:
             path, others = next(iter(ties.items()))

@@ -16,8 +16,10 @@ key                         dtype        shape
 
 The forward pass dequantises the weight into the input's dtype (in bounded chunks, see
 :func:`lorazoo.quant.dequantize_nf4`) and runs the same ``F.linear`` a dense layer holding that
-weight runs, so the output is bit for bit the dense layer's. The backward pass gives the input
-(and, if asked for, the bias) its gradient; the quantised weight has none.
+weight runs, so the output equals the dense layer's (bit for bit, except that a ``-0.0`` output
+comes out as ``+0.0``, so that adding an exactly-zero adapter output changes no bit). The
+backward pass gives the input (and, if asked for, the bias) its gradient; the quantised weight has
+none.
 
 ``module.to(dtype)`` and ``module.half()`` leave the quantised buffers as they are (casting
 them would destroy the storage); only the bias and the nominal ``weight_dtype`` follow.
@@ -45,6 +47,7 @@ from ..engine import _interrupt
 from ..errors import ConfigError, MergeError
 from .nf4 import NF4Weight, QuantError, dequantize_nf4, quant_error, quantize_nf4, storage_sizes
 
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
 
 
@@ -56,7 +59,10 @@ class _NF4Matmul(torch.autograd.Function):
         ctx.q = q
         ctx.bias_shape = None if bias is None else bias.shape
         w = dequantize_nf4(q, x.dtype)
-        return F.linear(x, w, bias)
+        # ``+ 0.0`` turns the -0.0 outputs of zero rows (NF4 has an exact zero code, so whole
+        # blocks of a weight can be 0) into +0.0 and changes nothing else: an adapter that adds
+        # exactly zero (LoRA at initialisation) then leaves every output bit as it was.
+        return F.linear(x, w, bias) + 0.0  # a fresh tensor (not a view), which callers may add into
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
@@ -91,8 +97,10 @@ class NF4Linear(nn.Module):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ConfigError(f"NF4Linear needs positive sizes, got in={in_features}, out={out_features}")
-        if weight_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ConfigError(f"weight_dtype must be float32, bfloat16 or float16, not {weight_dtype}")
+        if weight_dtype not in _WEIGHT_DTYPES:
+            raise ConfigError(
+                f"weight_dtype must be float32, bfloat16, float16 or float64, not {weight_dtype}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.double_quant = double_quant
@@ -132,8 +140,7 @@ class NF4Linear(nn.Module):
         )
         layer.load_nf4(q)
         if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
     @classmethod
@@ -348,7 +355,7 @@ class NF4Linear(nn.Module):
         finally:
             for name, t in saved.items():
                 self._buffers[name] = None if t is None else t.to(probe.device)
-        if probe.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if probe.dtype in _WEIGHT_DTYPES:
             self.weight_dtype = probe.dtype
         return self
 

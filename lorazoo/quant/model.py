@@ -76,6 +76,7 @@ def _resolve_linear(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
     return chosen  # type: ignore[return-value]
 
 
+@torch.no_grad()
 def quantize(
     model: nn.Module,
     targets="all-linear",
@@ -93,14 +94,13 @@ def quantize(
     chosen = _resolve_linear(model, targets)
     built: list[tuple[str, nn.Module]] = []
     report = QuantReport()
-    with torch.no_grad():
-        for path, lin in chosen:
-            layer = NF4Linear.from_linear(lin, double_quant=double_quant)
-            err = quant_error(lin.weight, layer.nf4())
-            built.append((path, layer))
-            report.layers[path] = err
-            if on_layer is not None:
-                on_layer(path, err)
+    for path, lin in chosen:
+        layer = NF4Linear.from_linear(lin, double_quant=double_quant)
+        err = quant_error(lin.weight, layer.nf4())
+        built.append((path, layer))
+        report.layers[path] = err
+        if on_layer is not None:
+            on_layer(path, err)
     _swap(model, built)
     return report
 
@@ -111,7 +111,18 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     replaced. Each new layer keeps the old layer's bias parameter object when the dtype is
     unchanged (a copy when it is cast). Memory grows to the dense size; nothing changes when any
     layer fails. A layer holding a dense (merged) weight is refused: its dequantised packed
-    weight is not what it computes with."""
+    weight is not what it computes with. So is a model whose NF4 layers carry adapters (eject
+    them first; eject leaves the NF4Linear layers)."""
+    from ..engine.host import AdaptedLayer
+
+    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLayer) and m.kind.storage == "nf4"]
+    if adapted:
+        raise MergeError(
+            f"{len(adapted)} NF4 layers carry adapters, e.g. {adapted[0]!r}; their adapters were "
+            "trained on the NF4 base, and dequantize replaces only plain NF4Linear layers: call "
+            "lorazoo.eject(model) first (it leaves the NF4Linear layers), then dequantize. To keep "
+            "a merged model instead, use lorazoo.merge(model)"
+        )
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear) and n]
     if isinstance(model, NF4Linear):
         raise TargetError("the model itself is an NF4Linear; call its to_linear() instead")
@@ -127,3 +138,48 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
         built.append((n, m.to_linear(dtype, keep_bias=keep)))
     _swap(model, built)
     return [n for n, _ in built]
+
+
+def storage_for(
+    cls: type, config: object, matches: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """The targets of an injection, each in the base storage the variant class asks for.
+
+    A variant class with ``base_storage = "nf4"`` (QLoRA) trains on an NF4 base: each plain
+    ``nn.Linear`` target is replaced (in the returned list only; the model is not touched) by a
+    new :class:`NF4Linear` quantised from it with the config's ``double_quant``, which the
+    injection then wraps, so quantising and attaching the adapters are one atomic step. Targets
+    already stored in NF4 are kept as they are; a dense layer that already carries adapters is
+    refused (its adapters were trained on the dense weight). Any other variant: ``matches``
+    unchanged."""
+    from ..engine.host import AdaptedLayer
+    from ..engine.kinds import kind_of
+    from ..errors import ConfigError
+
+    storage = getattr(cls, "base_storage", "dense")
+    if storage == "dense":
+        return matches
+    if storage != "nf4":
+        raise ConfigError(f"variant {cls.__name__} asks for base storage {storage!r}; lorazoo stores 'nf4'")
+    double_quant = bool(getattr(config, "double_quant", True))
+    out: list[tuple[str, nn.Module]] = []
+    for path, module in matches:
+        kind = kind_of(module)
+        if kind is not None and getattr(kind, "storage", "dense") == "nf4":
+            out.append((path, module))
+        elif isinstance(module, AdaptedLayer):
+            raise ConfigError(
+                f"variant {cls.name!r} trains on an NF4 base, but layer {path!r} is a dense layer that "
+                f"already carries adapters {list(module.adapters)} (trained on the dense weight): eject "
+                "them first, or quantise the model (lorazoo.quantize) before adding any adapter"
+            )
+        elif _plain_linear(module) and module.weight.device.type == "meta":
+            # a stand-in on the meta device (a load's dry run): the layer it will be, unfilled
+            d = {"device": "meta", "weight_dtype": module.weight.dtype}
+            bias = module.bias is not None
+            out.append((path, NF4Linear(module.in_features, module.out_features, bias, double_quant, **d)))
+        elif _plain_linear(module):
+            out.append((path, NF4Linear.from_linear(module, double_quant=double_quant)))
+        else:
+            out.append((path, module))  # the variant's layer checks say why it is not adapted
+    return out

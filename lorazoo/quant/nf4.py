@@ -57,7 +57,7 @@ NF4_VALUES: tuple[float, ...] = (
 )
 NF4_ZERO_CODE = 7
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _dynamic_code() -> Tensor:
@@ -216,41 +216,42 @@ def _quantize_absmax(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return idx.to(torch.uint8), gmax, offset
 
 
+@torch.no_grad()
 def quantize_nf4(weight: Tensor, double_quant: bool = True) -> NF4Weight:
-    """Quantise ``weight`` (float32, bfloat16 or float16; any shape) to NF4 storage.
+    """Quantise ``weight`` (float32, bfloat16, float16 or float64; any shape) to NF4 storage.
+    The arithmetic is float32's (a float64 weight is rounded to float32 first).
 
     Work is done in chunks of 4096 blocks, so temporaries stay bounded whatever the size.
     """
     if weight.dtype not in _FLOAT_DTYPES:
         raise ConfigError(
-            f"NF4 quantisation takes a float32, bfloat16 or float16 tensor, got {weight.dtype}; "
+            f"NF4 quantisation takes a float32, bfloat16, float16 or float64 tensor, got {weight.dtype}; "
             "cast it first (e.g. weight.float())"
         )
     if weight.device.type == "meta":
         raise ConfigError("cannot quantise a tensor on the meta device; materialise the weights first")
     if weight.numel() == 0:
         raise ConfigError(f"cannot quantise an empty tensor (shape {tuple(weight.shape)})")
-    with torch.no_grad():
-        flat = weight.detach().reshape(-1)
-        n = flat.numel()
-        full = n // BLOCK
-        rem = n - full * BLOCK
-        device = weight.device
-        bounds = _table("nf4_bounds", device)
-        codes = torch.empty(-(-n // 2), dtype=torch.uint8, device=device)
-        absmax = torch.empty(full + (1 if rem else 0), dtype=torch.float32, device=device)
-        half = BLOCK // 2
-        for b0 in range(0, full, _CHUNK_BLOCKS):
-            b1 = min(full, b0 + _CHUNK_BLOCKS)
-            x = flat[b0 * BLOCK : b1 * BLOCK].float().view(b1 - b0, BLOCK)
-            absmax[b0:b1] = _quantize_blocks(x, True, codes[b0 * half : b1 * half], bounds)
-        if rem:
-            x = flat[full * BLOCK :].float()
-            absmax[full:] = _quantize_blocks(x, False, codes[full * half :], bounds)
-        if not double_quant:
-            return NF4Weight(codes, absmax, None, None, weight.shape, weight.dtype)
-        qabs, gmax, offset = _quantize_absmax(absmax)
-        return NF4Weight(codes, qabs, gmax, offset, weight.shape, weight.dtype)
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    full = n // BLOCK
+    rem = n - full * BLOCK
+    device = weight.device
+    bounds = _table("nf4_bounds", device)
+    codes = torch.empty(-(-n // 2), dtype=torch.uint8, device=device)
+    absmax = torch.empty(full + (1 if rem else 0), dtype=torch.float32, device=device)
+    half = BLOCK // 2
+    for b0 in range(0, full, _CHUNK_BLOCKS):
+        b1 = min(full, b0 + _CHUNK_BLOCKS)
+        x = flat[b0 * BLOCK : b1 * BLOCK].float().view(b1 - b0, BLOCK)
+        absmax[b0:b1] = _quantize_blocks(x, True, codes[b0 * half : b1 * half], bounds)
+    if rem:
+        x = flat[full * BLOCK :].float()
+        absmax[full:] = _quantize_blocks(x, False, codes[full * half :], bounds)
+    if not double_quant:
+        return NF4Weight(codes, absmax, None, None, weight.shape, weight.dtype)
+    qabs, gmax, offset = _quantize_absmax(absmax)
+    return NF4Weight(codes, qabs, gmax, offset, weight.shape, weight.dtype)
 
 
 # ---- dequantisation ---------------------------------------------------------------------------
@@ -266,6 +267,7 @@ def block_scales(q: NF4Weight) -> Tensor:
     return code[q.absmax.long()] * group + q.absmax_offset
 
 
+@torch.no_grad()
 def dequantize_nf4(
     q: NF4Weight, dtype: torch.dtype | None = None, out: Tensor | None = None, chunk_blocks: int = 4096
 ) -> Tensor:
@@ -277,9 +279,11 @@ def dequantize_nf4(
     """
     dtype = dtype or q.dtype
     if dtype not in _FLOAT_DTYPES:
-        raise ConfigError(f"NF4 dequantises to float32, bfloat16 or float16, not {dtype}")
+        raise ConfigError(f"NF4 dequantises to float32, bfloat16, float16 or float64, not {dtype}")
     device = q.codes.device
     n = q.numel
+    if device.type == "meta":  # a stand-in without data (a load's dry run): only the shape
+        return torch.empty(q.shape, dtype=dtype, device=device) if out is None else out
     if out is None:
         out = torch.empty(q.shape, dtype=dtype, device=device)
     elif out.shape != q.shape or out.dtype != dtype or not out.is_contiguous():
@@ -287,27 +291,26 @@ def dequantize_nf4(
             f"out must be a contiguous {dtype} tensor of shape {tuple(q.shape)}, "
             f"got {out.dtype} {tuple(out.shape)}"
         )
-    with torch.no_grad():
-        pairs = _table("nf4_pairs", device)
-        scales = block_scales(q)
-        flat = out.view(-1)
-        full = n // BLOCK
-        half = BLOCK // 2
-        step = max(1, min(chunk_blocks, full))
-        # float32 output: look up straight into it; otherwise through one reused float32 chunk
-        scratch = None if dtype == torch.float32 else torch.empty(step * BLOCK, device=device)
-        for b0 in range(0, full, step):
-            b1 = min(full, b0 + step)
-            k = b1 - b0
-            dst = flat[b0 * BLOCK : b1 * BLOCK]
-            buf = dst if scratch is None else scratch[: k * BLOCK]
-            torch.index_select(pairs, 0, q.codes[b0 * half : b1 * half].int(), out=buf.view(k * half, 2))
-            buf.view(k, BLOCK).mul_(scales[b0:b1].unsqueeze(-1))
-            if scratch is not None:
-                dst.copy_(buf)
-        if n > full * BLOCK:
-            vals = pairs.index_select(0, q.codes[full * half :].int()).view(-1)[: n - full * BLOCK]
-            flat[full * BLOCK :].copy_(vals.mul_(scales[full]))
+    pairs = _table("nf4_pairs", device)
+    scales = block_scales(q)
+    flat = out.view(-1)
+    full = n // BLOCK
+    half = BLOCK // 2
+    step = max(1, min(chunk_blocks, full))
+    # float32 output: look up straight into it; otherwise through one reused float32 chunk
+    scratch = None if dtype == torch.float32 else torch.empty(step * BLOCK, device=device)
+    for b0 in range(0, full, step):
+        b1 = min(full, b0 + step)
+        k = b1 - b0
+        dst = flat[b0 * BLOCK : b1 * BLOCK]
+        buf = dst if scratch is None else scratch[: k * BLOCK]
+        torch.index_select(pairs, 0, q.codes[b0 * half : b1 * half].int(), out=buf.view(k * half, 2))
+        buf.view(k, BLOCK).mul_(scales[b0:b1].unsqueeze(-1))
+        if scratch is not None:
+            dst.copy_(buf)
+    if n > full * BLOCK:
+        vals = pairs.index_select(0, q.codes[full * half :].int()).view(-1)[: n - full * BLOCK]
+        flat[full * BLOCK :].copy_(vals.mul_(scales[full]))
     return out
 
 

@@ -32,7 +32,7 @@ from ..engine.exact import acc_dtype
 from ..engine.host import AdaptedLayer
 from ..engine.inject import hosts, iter_adapters
 from ..engine.kinds import LayerKind
-from ..variant import LowRank
+from ..variant import LowRank, Variant
 from .tolerance import (
     RHO,
     accumulation_roundoff,
@@ -112,10 +112,15 @@ class Layers(nn.Module):
         return [layer(x) for layer, x in zip(self.layers, xs, strict=True)]
 
 
-def build(case: Case) -> tuple[Layers, list[Tensor]]:
-    """The base model and inputs of a case (values bounded so nothing overflows in fp16)."""
+def build(case: Case, variant: str | None = None) -> tuple[Layers, list[Tensor]]:
+    """The base model and inputs of a case (values bounded so nothing overflows in fp16). For a
+    variant whose class asks for a quantised base (``base_storage = "nf4"``, QLoRA) the layers
+    are quantised to NF4 (:func:`lorazoo.quantize`): that is the base it adapts, so the checks
+    compare with it and their tolerances are relative to its dequantised weight."""
     torch.manual_seed(case.seed)
     model = Layers(case.shapes, case.dtype).to(case.device)
+    if variant is not None and getattr(lorazoo.variant(variant), "base_storage", "dense") == "nf4":
+        lorazoo.quantize(model, targets=[nn.Linear])
     g = torch.Generator().manual_seed(case.seed + 1)
     xs = [
         torch.randn(*case.batch, i, generator=g).clamp(-4, 4).to(case.dtype).to(case.device)
@@ -148,13 +153,20 @@ def perturb(model: nn.Module, seed: int, name: str | None = None) -> None:
             p.add_((torch.randn(p.shape, generator=g) * scale).to(p))
 
 
+def _base_weight(layer: nn.Module) -> Tensor:
+    """A base layer's ``d_out × d_in`` weight (an NF4 layer's dequantised one)."""
+    if hasattr(layer, "dequantized_weight"):
+        return layer.dequantized_weight()
+    return layer.weight
+
+
 def _layer_hosts(model: nn.Module) -> list[AdaptedLayer]:
     return [h for _, h in hosts(model)]
 
 
 def _bits(t: Tensor) -> Tensor:
     """Bit patterns, so -0.0 vs 0.0 and NaN payloads count as differences."""
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
     return t.detach().contiguous().view(ints[t.element_size()])
 
 
@@ -218,7 +230,7 @@ def _record(table: dict[str, float], key: str, value: float) -> None:
 def check_init_identity(variant: str, case: Case) -> None:
     """1. Right after injection the output equals the base output: bit for bit when the variant
     declares ``exact_at_init``, otherwise within τ."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     model.eval()
     with torch.no_grad():
         base = model(xs)
@@ -238,11 +250,11 @@ def check_init_identity(variant: str, case: Case) -> None:
 def check_perturbed_differs(variant: str, case: Case) -> None:
     """2. After perturbing the adapter tensors the output differs from the base (guards against
     checks that pass vacuously)."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     model.eval()
     with torch.no_grad():
         base = model(xs)
-    originals = [layer.weight.detach().clone() for layer in model.layers]
+    originals = [_base_weight(layer).detach().clone() for layer in model.layers]
     adapt(model, variant, case)
     perturb(model, case.seed)
     model.eval()
@@ -300,7 +312,7 @@ def _adapter_magnitude(x: Tensor, host: AdaptedLayer) -> Tensor:
 
 def check_merge_equivalence(variant: str, case: Case) -> float:
     """3. In eval mode the merged output equals the unmerged output within τ."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     adapt(model, variant, case)
     perturb(model, case.seed)
     model.eval()
@@ -343,7 +355,7 @@ def _wide_bound(host: AdaptedLayer, lowranks: Sequence[LowRank], weight: Tensor)
 def check_unmerge_exact(variant: str, case: Case) -> float:
     """4. merge → unmerge restores the base weights bit for bit, holding at most one byte per
     element plus a full bit pattern for each element whose bits the merge cannot keep."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     adapt(model, variant, case)
     perturb(model, case.seed)
     model.eval()
@@ -374,7 +386,7 @@ def check_unmerge_exact(variant: str, case: Case) -> float:
 def check_eject_exact(variant: str, case: Case, merge_first: bool = True) -> None:
     """5. merge → eject (or eject alone) gives back the original module objects and weights bit
     for bit, with their ``requires_grad`` flags."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     originals = list(model.layers)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = _snapshot(model)
@@ -394,7 +406,7 @@ def check_eject_exact(variant: str, case: Case, merge_first: bool = True) -> Non
 def check_multi_adapter(variant: str, case: Case, other: str = "lora") -> None:
     """6. Two adapters on one layer (this variant and ``other``): merged in one step equals the
     unmerged sum within τ, and unmerge restores the base bit for bit."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     adapt(model, variant, case, name="first")
     adapt(model, other, case, name="second")
     perturb(model, case.seed)
@@ -420,7 +432,7 @@ def check_multi_adapter(variant: str, case: Case, other: str = "lora") -> None:
 
 def check_roundtrip(variant: str, case: Case) -> None:
     """7. save → load onto a fresh copy of the base is bit-exact: tensors and forward."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     fresh = copy.deepcopy(model)
     adapt(model, variant, case)
     perturb(model, case.seed)
@@ -446,7 +458,7 @@ def check_roundtrip(variant: str, case: Case) -> None:
 
 def check_param_count(variant: str, case: Case) -> None:
     """8. ``lorazoo.trainable`` equals the variant's formula summed over layers."""
-    model, _ = build(case)
+    model, _ = build(case, variant)
     total = sum(p.numel() for p in model.parameters())
     adapt(model, variant, case)
     cls = lorazoo.variant(variant)
@@ -471,7 +483,7 @@ def check_param_count(variant: str, case: Case) -> None:
 
 def check_dropout(variant: str, case: Case) -> None:
     """9. With dropout, two train-mode forwards differ; in eval mode merged equals unmerged."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     adapt(model, variant, case, dropout=0.5)
     perturb(model, case.seed)
     model.train()
@@ -510,7 +522,7 @@ def check_delta_consistency(variant: str, case: Case) -> None:
     unit vectors ``e_j`` is column ``j`` of ``ΔW`` (an independent path through the variant's
     forward), within the fp64 tolerance."""
     c64 = case.with_(dtype=torch.float64)
-    model, _ = build(c64)
+    model, _ = build(c64, variant)
     adapt(model, variant, c64)
     perturb(model, case.seed)
     model.eval()
@@ -533,7 +545,7 @@ def check_delta_consistency(variant: str, case: Case) -> None:
 def check_gradients(variant: str, case: Case) -> None:
     """11. Only adapter tensors receive gradients, and ``param_groups`` partitions exactly the
     trainable tensors."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     adapt(model, variant, case)
     perturb(model, case.seed)
     model.train()
@@ -602,8 +614,10 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
     kind's ``d_out × d_in`` weight view (the bound of the linear map the layer is: one-hot rows
     for an embedding, input patches for a convolution; outputs compared as the kind's
     ``dense_output`` rows), merged within τ of unmerged, merge → unmerge and merge → eject bit-exact
-    (eject puts the original modules back), save → load bit-exact. Any other variant: injection
-    is refused with a ``ConfigError`` and the model unchanged."""
+    (eject puts the original modules back), save → load bit-exact. Any other variant (one that
+    does not adapt the kind, asks for a base storage the kind does not have, or rewrites the
+    base of a kind that refuses base rewrites): injection is refused with a ``ConfigError`` and
+    the model unchanged."""
     if isinstance(kind, str):
         kind = registry.layer_kind_named(kind)
     torch.manual_seed(case.seed)
@@ -620,16 +634,22 @@ def check_kind(variant: str, case: Case, kind: LayerKind | str) -> None:
         return id(m) in originals_ids or (isinstance(m, AdaptedLayer) and m.kind is kind)
 
     what = f"{kind.name} layers"
-    if kind.adapts_as not in cls.layer_kinds:
+    storage = getattr(cls, "base_storage", None)
+    refused = (
+        kind.adapts_as not in cls.layer_kinds
+        # a variant that asks for a base storage this kind does not have (and cannot be given)
+        or (storage is not None and kind.storage != storage)
+        # a variant that rewrites the base, on a kind whose storage cannot hold a rewrite
+        or (cls.prepare_base is not Variant.prepare_base and not kind.host_class.base_rewrites)
+    )
+    if refused:
         try:
             lorazoo.inject(model, variant, targets=targets, **hyper)
         except lorazoo.ConfigError:
             _assert_bitwise(before, model, f"refused injection into {what}")
             assert all(m is o for m, o in zip(model.layers, originals, strict=True)), "a layer was replaced"
             return
-        raise AssertionError(
-            f"{variant!r} does not list {kind.adapts_as!r} in layer_kinds, yet adapted {what}"
-        )
+        raise AssertionError(f"{variant!r} cannot adapt {what} (see check_kind), yet adapted them")
     model.eval()
 
     def run(m: nn.Module) -> list[Tensor]:  # each output as the rows dense_input's rows map to
@@ -731,7 +751,7 @@ def check_routing(variant: str, case: Case) -> None:
     """13. A mixed batch (:func:`lorazoo.route`): each row, routed to this variant, to LoRA or to
     the base, equals that row of the model run with only its adapter active within τ (base
     rows bit for bit); the active set and the outputs after the block are as before it."""
-    model, xs = build(case)
+    model, xs = build(case, variant)
     adapt(model, variant, case, name="first")
     adapt(model, "lora", case, name="second")
     perturb(model, case.seed)

@@ -10,7 +10,7 @@ weight variants read, the layout merges write in, and the forward that adds the 
 
 Built-in kinds: ``nn.Linear`` (:mod:`.linear`), ``nn.Embedding`` (:mod:`.embedding`) and
 transformers' ``Conv1D`` (:mod:`.conv1d_hf`, recognised only when transformers is imported),
-``nn.Conv1d`` and ``nn.Conv2d`` (:mod:`.conv`).
+``nn.Conv1d`` and ``nn.Conv2d`` (:mod:`.conv`), and lorazoo's ``NF4Linear`` (:mod:`.nf4`, a 4-bit NF4 base).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class LayerKind:
             includes these layers.
         host_class: the :class:`~lorazoo.engine.host.AdaptedLayer` subclass that wraps them.
         label: how messages name the layers of this kind (``"torch.nn.Linear"``).
+        storage: how the layer stores its weight (``"dense"``; ``"nf4"`` for 4-bit NF4 codes),
+            what :class:`~lorazoo.LayerInfo` tells variants as ``storage``.
     """
 
     name: ClassVar[str] = ""
@@ -44,6 +46,7 @@ class LayerKind:
     linear: ClassVar[bool] = False
     host_class: ClassVar[type[AdaptedLayer]]
     label: ClassVar[str] = ""
+    storage: ClassVar[str] = "dense"
 
     # ---- recognising a module ----------------------------------------------------------------
 
@@ -134,8 +137,9 @@ def builtin_kinds() -> list[LayerKind]:
     from .conv1d_hf import HFConv1DKind
     from .embedding import EmbeddingKind
     from .linear import LinearKind
+    from .nf4 import NF4Kind
 
-    return [LinearKind(), EmbeddingKind(), HFConv1DKind(), Conv1dKind(), Conv2dKind()]
+    return [LinearKind(), EmbeddingKind(), HFConv1DKind(), Conv1dKind(), Conv2dKind(), NF4Kind()]
 
 
 __all__ = ["LayerKind", "builtin_kinds", "kind_of", "kinds", "stored_weight"]
