@@ -29,11 +29,7 @@ from .model import LlamaConfig
 
 BASELINES = ("base", "full")
 FULL_LR = 3e-4  # full fine-tuning of the bench model; chosen by measurement (docs/bench.md)
-# The base is pre-trained on this many threads whatever ``--threads`` says, so its bits do not
-# depend on the run's thread count (a multi-threaded product sums in a thread-count-dependent
-# order). Two, not one: pre-training is most of a cold run, and two threads halve it on the
-# two-core machines the bench's time budget is stated for.
-PRETRAIN_THREADS = 2
+PRETRAIN_THREADS = 1  # the base is pre-trained on one thread, so it is the same bits on any machine
 
 # The bench model: byte-level, 4 layers, width 128, in the Llama layout (lorazoo.bench.model).
 BENCH_MODEL = LlamaConfig(
