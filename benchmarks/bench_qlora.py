@@ -219,6 +219,8 @@ def run_dtype(
     fwd = rounds(cases, repeats, budget / 3)
 
     log(f"[{name}] train-step rounds")
+    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    assert len(set(trainable.values())) == 1, f"trainable parameter counts differ: {trainable}"
     for m in models.values():
         m.train()
     cases = {k: step_fn(m, ids, optimizer(m, k != "bnb")) for k, m in models.items()}
