@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MergeError, RoutingError
-from ..variant import Variant, fusable
+from ..variant import PlainLowRank, Variant, fusable
 from . import _interrupt
 from .distributed import bump_version, gathered, local_update, local_view
 from .exact import (
@@ -124,6 +124,18 @@ def _moved_residual(res: Residual, device: torch.device) -> Residual:
         res.wide_index.to(device),
         res.wide_bits.to(device),
         res.merged_sum,
+    )
+
+
+def fast_applies(f: PlainLowRank, x: Tensor, y: Tensor) -> bool:
+    """Per call: the fused (in-place) path needs one dtype and device throughout, no autocast
+    (which would change the dtypes the general path computes in) and a contiguous output."""
+    A = f.A
+    return (
+        A.dtype == y.dtype == x.dtype
+        and A.device == y.device
+        and y.is_contiguous()
+        and not torch.is_autocast_enabled(y.device.type)
     )
 
 
@@ -306,8 +318,49 @@ class AdaptedLayer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - every kind defines it
-        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+    def forward(self, x: Tensor) -> Tensor:
+        """``base_forward(x)`` plus each active, unmerged adapter's contribution. Plain low-rank
+        adapters that may take the fused path (:func:`fast_applies`) are added in place by the
+        kind's ``_add_fused`` after every other adapter has seen the base output unchanged; the
+        others through the kind's ``_unfused``."""
+        y = self.base_forward(x)
+        if self.merged is not None and self.training and torch.is_grad_enabled():
+            self._refuse_training_while_merged()
+        if self._routes is not None:
+            return self._routed(x, y)
+        if not self._run:
+            return y
+        if self._solo is not None:
+            # ``y`` is fresh and referenced by nothing else (the base product's backward needs
+            # only ``x`` and ``W``), so the adapter may finish it in place.
+            return self._solo.output(x, y, self)
+        out = y
+        fast: list[PlainLowRank] = []
+        for adapter in self._run:
+            f = adapter.plain_lowrank() if adapter in self._fusable else None
+            if f is not None and fast_applies(f, x, y):
+                fast.append(f)
+            else:
+                out = out + self._unfused(adapter, x, y, f)
+        if fast:
+            # Only now may the output be changed in place: general adapters above saw the base
+            # output unchanged (and may have saved it for backward); ``out`` is either their
+            # fresh sum or ``y``, which the base layer's backward does not need.
+            self._add_fused(out, x, fast)
+        return out
+
+    def base_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - every kind defines it
+        raise NotImplementedError(f"{type(self).__name__} does not define base_forward")
+
+    def _unfused(
+        self, adapter: Variant, x: Tensor, y: Tensor, f: PlainLowRank | None = None
+    ) -> Tensor:  # pragma: no cover - every kind defines it
+        """An adapter's contribution in the output's dtype, off the fused path."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _unfused")
+
+    def _add_fused(self, out: Tensor, x: Tensor, fast: Sequence[PlainLowRank]) -> None:  # pragma: no cover
+        """Add the contributions of ``fast`` (plain low-rank factors) to ``out`` in place."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _add_fused")
 
     def _add_routes(self, routes: Sequence[Route], x: Tensor, y: Tensor) -> None:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} does not route batches")

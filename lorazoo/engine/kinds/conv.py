@@ -85,33 +85,16 @@ class AdaptedConv(AdaptedLayer):
         conv = F.conv2d if self.spatial == 2 else F.conv1d  # 1×1: no stride, padding, dilation
         return conv(h, B.view(*B.shape, *(1,) * self.spatial)) * scale
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_forward(x)
-        if self.merged is not None and self.training and torch.is_grad_enabled():
-            self._refuse_training_while_merged()
-        if self._routes is not None:
-            return self._routed(x, y)
-        if not self._run:
-            return y
-        if self._solo is not None:
-            return self._solo.output(x, y, self)
-        out = y
-        fast: list[PlainLowRank] = []
-        for adapter in self._run:
-            f = adapter.plain_lowrank() if adapter in self._fusable else None
-            if f is not None and _fast_applies(f, x, y):
-                fast.append(f)
-            else:
-                out = out + self._contribution(adapter, x, y, f).to(y.dtype)
-        if fast:
-            # ``out`` is fresh (the base convolution's backward needs only ``x`` and ``W``) and no
-            # general adapter reads it any more: B's 1×1 product accumulates into it in place.
-            n = out.shape[0]
-            flat = out.view(n, self.out_features, -1)
-            for f in fast:
-                h = self._conv(f.dropout(x), self._a_kernel(f.A)).reshape(n, f.A.shape[0], -1)
-                flat.baddbmm_(f.B.expand(n, *f.B.shape), h, alpha=f.scale)
-        return out
+    def _add_fused(self, out: Tensor, x: Tensor, fast: Sequence[PlainLowRank]) -> None:
+        # B's 1×1 product accumulates into the output, per sample, as one batched matmul.
+        n = out.shape[0]
+        flat = out.view(n, self.out_features, -1)
+        for f in fast:
+            h = self._conv(f.dropout(x), self._a_kernel(f.A)).reshape(n, f.A.shape[0], -1)
+            flat.baddbmm_(f.B.expand(n, *f.B.shape), h, alpha=f.scale)
+
+    def _unfused(self, adapter: Variant, x: Tensor, y: Tensor, f: PlainLowRank | None = None) -> Tensor:
+        return self._contribution(adapter, x, y, f).to(y.dtype)
 
     def _contribution(self, adapter: Variant, x: Tensor, y: Tensor, f: PlainLowRank | None = None) -> Tensor:
         if f is None and adapter in self._fusable:
@@ -139,18 +122,6 @@ class AdaptedConv1d(AdaptedConv):
 
 class AdaptedConv2d(AdaptedConv):
     spatial = 2
-
-
-def _fast_applies(f: PlainLowRank, x: Tensor, y: Tensor) -> bool:
-    """The in-place path needs one dtype and device throughout, no autocast and a contiguous
-    output."""
-    A = f.A
-    return (
-        A.dtype == y.dtype == x.dtype
-        and A.device == y.device
-        and y.is_contiguous()
-        and not torch.is_autocast_enabled(y.device.type)
-    )
 
 
 def _factor_kernel(d_in: int, spatial: int) -> tuple[int, tuple[int, ...]]:

@@ -19,20 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...variant import PlainLowRank, Variant
-from ..host import AdaptedLayer, Route, _add_rows
+from ..host import AdaptedLayer, Route, _add_rows, fast_applies
 from . import LayerKind
-
-
-def _fast_applies(f: PlainLowRank, x: Tensor, y: Tensor) -> bool:
-    """Per call: the fused path needs one dtype and device throughout, no autocast (which
-    would change the dtypes the general path computes in) and a contiguous output."""
-    A = f.A
-    return (
-        A.dtype == y.dtype == x.dtype
-        and A.device == y.device
-        and y.is_contiguous()
-        and not torch.is_autocast_enabled(y.device.type)
-    )
 
 
 def _keeps_input(f: PlainLowRank, training: bool, x: Tensor) -> bool:
@@ -99,36 +87,12 @@ class AdaptedLinear(AdaptedLayer):
         """The base layer's output."""
         return F.linear(x, self.weight, self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_forward(x)
-        if self.merged is not None and self.training and torch.is_grad_enabled():
-            self._refuse_training_while_merged()
-        if self._routes is not None:
-            return self._routed(x, y)
-        if not self._run:
-            return y
-        if self._solo is not None:
-            # ``y`` is fresh and referenced by nothing else (the base product's backward needs
-            # only ``x`` and ``W``), so the adapter may finish it in place.
-            return self._solo.output(x, y, self)
-        out = y
-        fast: list[PlainLowRank] = []
-        for adapter in self._run:
-            f = adapter.plain_lowrank() if adapter in self._fusable else None
-            if f is not None and _fast_applies(f, x, y):
-                fast.append(f)
-            else:
-                out = out + self._unfused(adapter, x, y, f)
-        if fast:
-            # Only now may the output be changed in place: general adapters above saw the base
-            # output unchanged (and may have saved it for backward); ``out`` is either their
-            # fresh sum or ``y``, which the base layer's backward does not need.
-            flat = out.view(-1, self.out_features)
-            x2 = x.reshape(-1, self.in_features)
-            for f in fast:
-                h = F.linear(f.dropout(x2), f.A)
-                flat.addmm_(h, f.B.t(), alpha=f.scale)
-        return out
+    def _add_fused(self, out: Tensor, x: Tensor, fast: Sequence[PlainLowRank]) -> None:
+        flat = out.view(-1, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        for f in fast:
+            h = F.linear(f.dropout(x2), f.A)
+            flat.addmm_(h, f.B.t(), alpha=f.scale)
 
     def _unfused(self, adapter: Variant, x: Tensor, y: Tensor, f: PlainLowRank | None = None) -> Tensor:
         """An adapter's contribution off the fused path, in the output dtype: a plain low-rank
@@ -152,7 +116,7 @@ class AdaptedLinear(AdaptedLayer):
             f = r.adapter.plain_lowrank() if r.adapter in self._fusable else None
             if (
                 f is not None
-                and _fast_applies(f, x, y)
+                and fast_applies(f, x, y)
                 and (isinstance(f.dropout, nn.Identity) or not r.adapter.training)
             ):
                 plain.append((r, f))
@@ -170,7 +134,7 @@ class AdaptedLinear(AdaptedLayer):
                 continue
             a, xr = r.adapter, r.take(x)
             f = a.plain_lowrank() if a in self._fusable else None
-            if f is not None and _fast_applies(f, xr, y):
+            if f is not None and fast_applies(f, xr, y):
                 _addmm_rows(y, r, F.linear(f.dropout(xr), f.A), f.B, f.scale)
             else:
                 _add_rows(y, r, self._unfused(a, xr, y.index_select(0, r.rows), f))
